@@ -1,0 +1,61 @@
+"""Ahead-of-time compile of a @triton.jit kernel for H100 (sm_90a) on a machine without a GPU, plus its resource
+usage read with the ptxas shipped in the triton wheel. Used by the compile tests; must run in a process where
+``TRITON_INTERPRET`` is unset (the interpreter replaces @triton.jit functions)."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+
+@dataclass
+class CompileReport:
+    name: str
+    n_regs: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+    shared_mem_bytes: int
+    num_warps: int
+
+    def line(self) -> str:
+        return (f"{self.name}: regs={self.n_regs} spills(st/ld)={self.spill_store_bytes}/{self.spill_load_bytes} "
+                f"smem={self.shared_mem_bytes}B warps={self.num_warps}")
+
+
+def aot_compile(fn, signature: dict, constexprs: dict, attrs: dict | None = None, arch: int = 90,
+                num_warps: int = 4, num_stages: int = 3):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
+    target = GPUTarget("cuda", arch, 32)
+    opts = make_backend(target).parse_options({"num_warps": num_warps, "num_stages": num_stages})
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs or {})
+    return triton.compile(src, target=target, options=opts.__dict__)
+
+
+def ptxas_usage(ptx: str, arch: int = 90) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) from `ptxas -v`."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = get_ptxas(arch) if inspect.signature(get_ptxas).parameters else get_ptxas()
+    with tempfile.TemporaryDirectory() as d:
+        with open(f"{d}/k.ptx", "w") as f:
+            f.write(ptx)
+        r = subprocess.run([tool.path, "-v", f"--gpu-name=sm_{arch}a", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
+                           capture_output=True, text=True, check=True)
+    regs = int(re.search(r"Used (\d+) registers", r.stderr).group(1))
+    st = int(re.search(r"(\d+) bytes spill stores", r.stderr).group(1))
+    ld = int(re.search(r"(\d+) bytes spill loads", r.stderr).group(1))
+    return regs, st, ld
+
+
+def compile_report(name: str, fn, signature: dict, constexprs: dict, attrs: dict | None = None, arch: int = 90,
+                   num_warps: int = 4, num_stages: int = 3) -> CompileReport:
+    """Compile `fn` for sm_{arch} and report registers, spills and shared memory."""
+    ck = aot_compile(fn, signature, constexprs, attrs, arch, num_warps, num_stages)
+    regs, st, ld = ptxas_usage(ck.asm["ptx"], arch)
+    return CompileReport(name, regs, st, ld, ck.metadata.shared, ck.metadata.num_warps)

@@ -1,0 +1,179 @@
+"""Frozen configuration dataclasses and named presets.
+
+Everything the model needs to be built is here; nothing else is read from globals or paths. Presets:
+
+- ``tiny``: the structure of motus-8b at toy widths (the shapes of the upstream parity fixture); CI-sized.
+- ``small``: a single-GPU research size that keeps the real encoder widths (umT5-XXL 4096, Qwen3-VL-2B 2048).
+- ``motus-8b``: upstream Motus (Wan2.2-TI2V-5B + action expert 1024 + und expert 512, 30 layers).
+
+``MotusConfig.override({"action.dim": 256, ...})`` returns a new config with dotted fields replaced (the CLI uses it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class VideoExpertConfig:
+    """Wan2.2-style video diffusion transformer. Its heads define the joint attention head space."""
+
+    dim: int = 3072
+    ffn_dim: int = 14336
+    num_heads: int = 24
+    in_channels: int = 48           # VAE latent channels
+    out_channels: int = 48
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    freq_dim: int = 256             # width of the time sinusoid
+    text_dim: int = 4096            # umT5-XXL hidden size
+    text_len: int = 512             # upstream pads/truncates a list-of-tensors context to this length
+    eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+@dataclass(frozen=True)
+class ActionExpertConfig:
+    """Action diffusion expert: one layer per video layer, projecting into the video head space."""
+
+    dim: int = 1024
+    ffn_dim: int = 4096
+    state_dim: int = 14
+    action_dim: int = 14
+    chunk_size: int = 16            # K actions per chunk
+    num_registers: int = 4
+    # "finetune": [state, K actions, registers]; "pretrain": [K latent actions] (stage 2, no state/registers)
+    layout: Literal["finetune", "pretrain"] = "finetune"
+    freq_dim: int = 256             # upstream fixes the action time sinusoid at 256 wide
+    eps: float = 1e-5
+
+    @property
+    def num_tokens(self) -> int:
+        return self.chunk_size + (1 + self.num_registers if self.layout == "finetune" else 0)
+
+    @property
+    def pos_table_rows(self) -> int:
+        # upstream allocates K + 2 + R rows in finetune mode (one more than used) and K in pretrain mode
+        return self.chunk_size + (2 + self.num_registers if self.layout == "finetune" else 0)
+
+
+@dataclass(frozen=True)
+class UndExpertConfig:
+    """Understanding expert: reads frozen VLM hidden states, contributes keys/values to the joint attention."""
+
+    dim: int = 512
+    ffn_dim: int = 2048
+    vlm_dim: int = 2048             # Qwen3-VL-2B hidden size (adapter input)
+    eps: float = 1e-5
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """Rectified flow + UniDiffuser timesteps, as upstream trains and samples."""
+
+    num_train_timesteps: int = 1000
+    train_shift: float = 5.0        # training sigma grid: sigma = shift*s / (1 + (shift-1)*s)
+    sample_steps: int = 10
+    sample_shift: float = 1.0       # upstream samples on an unshifted linear grid
+    video_loss_weight: float = 1.0
+    action_loss_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class MotusConfig:
+    num_layers: int = 30
+    video: VideoExpertConfig = field(default_factory=VideoExpertConfig)
+    action: ActionExpertConfig = field(default_factory=ActionExpertConfig)
+    und: UndExpertConfig = field(default_factory=UndExpertConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+
+    def __post_init__(self):
+        v = self.video
+        if v.dim % v.num_heads:
+            raise ValueError(f"video.dim={v.dim} is not divisible by video.num_heads={v.num_heads}")
+        if v.head_dim % 2:
+            raise ValueError(f"head_dim={v.head_dim} must be even for RoPE")
+        if len(v.patch_size) != 3:
+            raise ValueError(f"video.patch_size must have 3 entries, got {v.patch_size}")
+        if self.action.layout not in ("finetune", "pretrain"):
+            raise ValueError(f"action.layout must be 'finetune' or 'pretrain', got {self.action.layout!r}")
+        if self.num_layers < 1:
+            raise ValueError("num_layers must be >= 1")
+
+    # joint attention head space, set by the video expert
+    @property
+    def num_heads(self) -> int:
+        return self.video.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.video.head_dim
+
+    # ---- (de)serialisation -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MotusConfig":
+        d = dict(d)
+        subs = {"video": VideoExpertConfig, "action": ActionExpertConfig, "und": UndExpertConfig, "flow": FlowConfig}
+        for name, sub in subs.items():
+            if name in d:
+                d[name] = _build(sub, d[name], name)
+        return _build(cls, d, "")
+
+    def override(self, overrides: dict[str, Any]) -> "MotusConfig":
+        """Return a copy with dotted fields replaced, e.g. ``{"num_layers": 4, "action.dim": 256}``."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            node, parts = d, key.split(".")
+            for p in parts[:-1]:
+                if p not in node or not isinstance(node[p], dict):
+                    raise KeyError(f"unknown config field {key!r}")
+                node = node[p]
+            if parts[-1] not in node:
+                raise KeyError(f"unknown config field {key!r}")
+            node[parts[-1]] = value
+        return MotusConfig.from_dict(d)
+
+
+def _build(cls, d: dict[str, Any], where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise KeyError(f"unknown field(s) {sorted(unknown)} in {where or 'config'}")
+    d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+    return cls(**d)
+
+
+PRESETS: dict[str, MotusConfig] = {
+    # the shapes of ../shared/fixtures/upstream_motus_tiny (action eps as in that fixture)
+    "tiny": MotusConfig(
+        num_layers=2,
+        video=VideoExpertConfig(dim=256, ffn_dim=512, num_heads=2, freq_dim=256, text_dim=64, text_len=16),
+        action=ActionExpertConfig(dim=128, ffn_dim=512, chunk_size=16, eps=1e-6),
+        und=UndExpertConfig(dim=64, ffn_dim=256, vlm_dim=96),
+    ),
+    "small": MotusConfig(
+        num_layers=12,
+        video=VideoExpertConfig(dim=1536, ffn_dim=6144, num_heads=12),
+        action=ActionExpertConfig(dim=512, ffn_dim=2048),
+        und=UndExpertConfig(dim=256, ffn_dim=1024),
+    ),
+    "motus-8b": MotusConfig(),
+}
+
+
+def get_preset(name: str) -> MotusConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from None

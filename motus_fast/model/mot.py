@@ -1,0 +1,157 @@
+"""Motus: a Mixture-of-Transformers of a video, an action and an understanding expert sharing one joint
+self-attention per layer.
+
+``MotusBlock`` is layer l of all three experts: each expert makes its q/k/v, ``joint_attention`` mixes them per
+sample over [video | action | und], and each expert finishes its layer. ``Motus.forward`` predicts the video and
+action velocities for given noisy latents and per-modality timesteps; ``motus_fast.flow`` turns that into the
+training loss and the five sampling modes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from motus_fast.config import MotusConfig
+from motus_fast.model.action import ActionExpert, ActionLayer
+from motus_fast.model.rope import rope_tables
+from motus_fast.model.und import UndExpert, UndLayer
+from motus_fast.model.wan import VideoExpert, VideoLayer
+from motus_fast.ops import joint_attention
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Conditioning:
+    """What a sample is conditioned on besides the streams being denoised.
+
+    text: umT5 states [B, L_t, text_dim]; vlm: VLM last hidden states [B, L_u, vlm_dim]; state: robot state
+    [B, state_dim] (finetune layout) or None (pretrain layout). The optional lengths exclude padding rows from
+    attention; without them every row is attended, as upstream does.
+    """
+
+    text: Tensor
+    vlm: Tensor
+    state: Optional[Tensor] = None
+    text_lens: Optional[Tensor] = None
+    vlm_lens: Optional[Tensor] = None
+
+    def to(self, *args, **kwargs) -> "Conditioning":
+        def mv(t):
+            return None if t is None else t.to(*args, **kwargs) if t.is_floating_point() else t
+        return Conditioning(mv(self.text), mv(self.vlm), mv(self.state), self.text_lens, self.vlm_lens)
+
+
+def uniform_cu_seqlens(batch: int, length: int, device) -> Tensor:
+    return torch.arange(batch + 1, device=device, dtype=torch.int32) * length
+
+
+class MotusBlock(nn.Module):
+    def __init__(self, cfg: MotusConfig):
+        super().__init__()
+        self.video = VideoLayer(cfg.video)
+        self.action = ActionLayer(cfg.action, cfg.num_heads, cfg.head_dim)
+        self.und = UndLayer(cfg.und, cfg.num_heads, cfg.head_dim)
+
+    def forward(self, x, a, u, *, e6_video, e6_action, rope, text_kv, text_lens, cu_und, last: bool):
+        # x: [B, L_v, Dv]  a: [B, L_a, Da]  u: [T_u, Du] (packed)  e6_*: [B, 6, D] or [B, L_v, 6, Dv]
+        B, L_v, L_a = x.shape[0], x.shape[1], a.shape[1]
+        qv, kv, vv, mod_v = self.video.attention_inputs(x, e6_video, rope)
+        qa, ka, va, mod_a = self.action.attention_inputs(a, e6_action)
+        qu, ku, vu = self.und.attention_inputs(u, need_queries=not last)
+        flat = lambda t: None if t is None else t.flatten(0, 1)            # noqa: E731  [B, L, H, D] -> [B*L, H, D]
+        cu = [uniform_cu_seqlens(B, L_v, x.device), uniform_cu_seqlens(B, L_a, x.device), cu_und]
+        ov, oa, ou = joint_attention([flat(qv), flat(qa), qu], [flat(kv), flat(ka), ku], [flat(vv), flat(va), vu],
+                                     cu)
+        x = self.video.finish(x, ov.reshape(B, L_v, -1), mod_v, text_kv, text_lens)
+        a = self.action.finish(a, oa.reshape(B, L_a, -1), mod_a)
+        u = None if last else self.und.finish(u, ou.flatten(1))
+        return x, a, u
+
+
+class Motus(nn.Module):
+    def __init__(self, cfg: MotusConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.video = VideoExpert(cfg.video)
+        self.action = ActionExpert(cfg.action)
+        self.und = UndExpert(cfg.und)
+        self.blocks = nn.ModuleList(MotusBlock(cfg) for _ in range(cfg.num_layers))
+        self.init_weights()
+
+    # ---- construction ------------------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """Fresh-model init in upstream's spirit: Xavier Linears, zero biases, small time/text MLPs, zero heads."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for mlp in (self.video.text_embed, self.video.time.embed, self.action.time.embed):
+            for m in mlp.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+        for head in (self.video.head, self.action.head):
+            nn.init.zeros_(head.weight)
+
+    def expert_parameters(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Parameters grouped by expert: video, action, und (block parameters go to their expert)."""
+        groups: dict[str, list] = {"video": [], "action": [], "und": []}
+        for name, p in self.named_parameters():
+            parts = name.split(".")
+            expert = parts[2] if parts[0] == "blocks" else parts[0]
+            groups[expert].append((name, p))
+        return groups
+
+    def param_counts(self) -> dict[str, int]:
+        return {k: sum(p.numel() for _, p in v) for k, v in self.expert_parameters().items()}
+
+    # ---- forward -----------------------------------------------------------------------------------------
+    def encode_text(self, text: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """umT5 states [B, L_t, text_dim] -> per-layer cross-attention (k, v). Depends only on the instruction."""
+        ctx = self.video.text_embed(text.to(self.video.patch_embed.weight.dtype))
+        return [blk.video.cross_attn.context_kv(ctx) for blk in self.blocks]
+
+    def forward(self, video: Tensor, t_video: Tensor, actions: Tensor, t_action: Tensor, cond: Conditioning,
+                text_kv: Optional[list] = None) -> tuple[Tensor, Tensor]:
+        """Velocity prediction v = noise - x0 for both streams.
+
+        video: noisy latents [B, C, T, H, W] (frame 0 the clean condition); t_video: [B] or per token [B, L_v],
+        0..1000; actions: noisy chunk [B, K, action_dim]; t_action: [B]; text_kv: encode_text(cond.text), if cached.
+        -> (video velocity [B, C, T, H, W], action velocity [B, K, action_dim])
+        """
+        B = video.shape[0]
+        grid = self.video.token_grid(video.shape)
+        t_video = _per_sample(t_video, B, "t_video", allow_tokens=True)
+        t_action = _per_sample(t_action, B, "t_action")
+        x = self.video.embed(video)                                            # B, L_v, Dv
+        a = self.action.embed(actions, cond.state)                             # B, L_a, Da
+        u, cu_und = self.und.embed(cond.vlm, cond.vlm_lens)                   # T_u, Du
+        e_video, e6_video = self.video.time(t_video)
+        e_action, e6_action = self.action.time(t_action)
+        cos, sin = rope_tables(grid, self.cfg.head_dim, device=x.device)
+        if text_kv is None:
+            text_kv = self.encode_text(cond.text)
+        for i, blk in enumerate(self.blocks):
+            x, a, u = blk(x, a, u, e6_video=e6_video, e6_action=e6_action, rope=(cos, sin), text_kv=text_kv[i],
+                          text_lens=cond.text_lens, cu_und=cu_und, last=i == len(self.blocks) - 1)
+        return self.video.unembed(x, e_video, grid), self.action.unembed(a, e_action)
+
+    def sample(self, mode: str = "vla", **kwargs):
+        """Sample with one of the five modes; see ``motus_fast.flow.sample``."""
+        from motus_fast.flow import sample
+        return sample(self, mode, **kwargs)
+
+
+def _per_sample(t: Tensor, B: int, name: str, allow_tokens: bool = False) -> Tensor:
+    t = torch.as_tensor(t)
+    if t.dim() == 0:
+        return t.expand(B)
+    if t.shape[0] != B or t.dim() > (2 if allow_tokens else 1):
+        raise ValueError(f"{name} must have shape [B={B}]" + (" or [B, L_v]" if allow_tokens else "") +
+                         f", got {tuple(t.shape)}")
+    return t

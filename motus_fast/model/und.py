@@ -1,0 +1,73 @@
+"""The understanding expert: frozen VLM hidden states -> adapter -> layers that give the joint attention keys/values.
+
+Per layer: LayerNorm (no affine, no modulation) -> q,k,v into the video head space (no bias) -> RMSNorm(H*D) on q,k
+-> [joint attention] -> o (no bias), ungated residual -> LayerNorm -> FFN, ungated residual. The und stream has no
+head: in the last layer only its keys and values matter, so that layer skips its queries, output and FFN.
+
+Und tokens are packed ([T_u, dim], samples concatenated, ``cu_seqlens``): variable VLM lengths cost no padding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from motus_fast.config import UndExpertConfig
+from motus_fast.model.layers import RMSNorm, feed_forward, mlp3x_silu, split_heads
+from motus_fast.ops import layer_norm
+
+
+class UndLayer(nn.Module):
+    def __init__(self, cfg: UndExpertConfig, num_heads: int, head_dim: int):
+        super().__init__()
+        d, width = cfg.dim, num_heads * head_dim
+        self.cfg, self.num_heads, self.width = cfg, num_heads, width
+        self.qkv = nn.Linear(d, 3 * width, bias=False)
+        self.norm_q = RMSNorm(width, cfg.eps)
+        self.norm_k = RMSNorm(width, cfg.eps)
+        self.o = nn.Linear(width, d, bias=False)
+        self.ffn = feed_forward(d, cfg.ffn_dim)
+
+    def attention_inputs(self, u, need_queries: bool = True):
+        """u: [T_u, dim] -> q (None unless need_queries), k, v: [T_u, H, D]"""
+        h = layer_norm(u, self.cfg.eps)
+        if not need_queries:
+            k, v = F.linear(h, self.qkv.weight[self.width:]).chunk(2, dim=-1)
+            return None, split_heads(self.norm_k(k), self.num_heads), split_heads(v, self.num_heads)
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        q, k, v = self.norm_q(q), self.norm_k(k), v
+        return tuple(split_heads(t, self.num_heads) for t in (q, k, v))
+
+    def finish(self, u, attn):
+        """u: [T_u, dim]; attn: [T_u, H*D] -> [T_u, dim]"""
+        u = u + self.o(attn)
+        return u + self.ffn(layer_norm(u, self.cfg.eps))
+
+
+class UndExpert(nn.Module):
+    """The VLM adapter (3-layer SiLU MLP) in front of the und layers."""
+
+    def __init__(self, cfg: UndExpertConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.adapter = mlp3x_silu(cfg.vlm_dim, cfg.dim)
+
+    def embed(self, vlm_hidden: torch.Tensor, lens: torch.Tensor | None = None):
+        """vlm_hidden: [B, L_u, vlm_dim]; lens: [B] real tokens per sample (None: all L_u rows, upstream's way)
+        -> packed tokens [T_u, dim] and cu_seqlens int32 [B+1]"""
+        B, L, C = vlm_hidden.shape
+        if C != self.cfg.vlm_dim:
+            raise ValueError(f"VLM hidden states have width {C}; the und adapter expects {self.cfg.vlm_dim}")
+        dtype = self.adapter[0].weight.dtype
+        if lens is None:
+            packed = vlm_hidden.reshape(B * L, C)
+            cu = torch.arange(B + 1, device=vlm_hidden.device, dtype=torch.int32) * L
+        else:
+            lens = torch.as_tensor(lens, device=vlm_hidden.device)
+            if lens.shape != (B,) or bool((lens < 0).any()) or bool((lens > L).any()):
+                raise ValueError(f"vlm_lens must be [B={B}] with values in 0..{L}, got {lens.tolist()}")
+            keep = torch.arange(L, device=vlm_hidden.device)[None, :] < lens[:, None]
+            packed = vlm_hidden[keep]
+            cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+        return self.adapter(packed.to(dtype)), cu

@@ -1,0 +1,49 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("MOTUS_FIXTURES", REPO.parent / "shared" / "fixtures"))
+TINY = FIXTURES / "upstream_motus_tiny"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def assert_close_to_fixture(name: str, got: torch.Tensor, want: torch.Tensor, tol: float = 1e-5):
+    """The fixture README's rule: rel-L2 <= tol and max|a-b| <= tol * max|b|."""
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    r = rel_l2(got, want)
+    m = (got.double() - want.double()).abs().max().item() / want.double().abs().max().item()
+    assert r <= tol and m <= tol, f"{name}: rel-L2 {r:.2e}, max-abs-rel {m:.2e} (tol {tol:.0e})"
+
+
+@pytest.fixture(scope="session")
+def tiny_fixture():
+    if not TINY.is_dir():
+        pytest.fail(f"parity fixture not found at {TINY} (set MOTUS_FIXTURES)")
+    from safetensors.torch import load_file
+    io = {k: v.clone() for k, v in load_file(str(TINY / "io.safetensors")).items()}  # aligned fresh copies
+    return {"io": io, "config": json.loads((TINY / "config.json").read_text()), "dir": TINY}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_fixture):
+    from motus_fast.weights.upstream import load_upstream
+    model = load_upstream(tiny_fixture["dir"] / "model.safetensors", upstream_config=tiny_fixture["config"],
+                          dtype=torch.float32)
+    return model.eval()
