@@ -19,6 +19,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _reference_backend_by_default(monkeypatch):
+    """Model-level tests run on the reference ops unless they ask for a backend (kernel tests and the parity tests
+    parametrise MOTUS_BACKEND themselves): under TRITON_INTERPRET=1 the interpreted kernels would make every model
+    test slow without testing anything new."""
+    if "MOTUS_BACKEND" not in os.environ:
+        monkeypatch.setenv("MOTUS_BACKEND", "reference")
+
+
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()

@@ -297,7 +297,8 @@ def load_upstream(path: str | Path, config: Optional[MotusConfig] = None, dtype:
         model = Motus(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     ours = convert_state_dict(sd, config, expected)
-    if dtype is not None:
-        ours = {k: v.to(dtype) for k, v in ours.items()}
+    # one dtype for the whole model: the one asked for, else the stored weights' (bf16 in official files)
+    dtype = dtype or ours["video.patch_embed.weight"].dtype
+    ours = {k: v.to(dtype) for k, v in ours.items()}
     model.load_state_dict(ours, strict=True, assign=True)
     return model
