@@ -29,13 +29,13 @@ Tensor = torch.Tensor
 class Conditioning:
     """What a sample is conditioned on besides the streams being denoised.
 
-    text: umT5 states [B, L_t, text_dim]; vlm: VLM last hidden states [B, L_u, vlm_dim]; state: robot state
+    text: umT5 states [B, L_t, text_dim]; vlm: VLM last hidden states [B, L_u, vlm_dim] (None: no und stream); state: robot state
     [B, state_dim] (finetune layout) or None (pretrain layout). The optional lengths exclude padding rows from
     attention; without them every row is attended, as upstream does.
     """
 
     text: Tensor
-    vlm: Tensor
+    vlm: Optional[Tensor] = None
     state: Optional[Tensor] = None
     text_lens: Optional[Tensor] = None
     vlm_lens: Optional[Tensor] = None
@@ -58,18 +58,27 @@ class MotusBlock(nn.Module):
         self.und = UndLayer(cfg.und, cfg.num_heads, cfg.head_dim)
 
     def forward(self, x, a, u, *, e6_video, e6_action, rope, text_kv, text_lens, cu_und, last: bool):
-        # x: [B, L_v, Dv]  a: [B, L_a, Da]  u: [T_u, Du] (packed)  e6_*: [B, 6, D] or [B, L_v, 6, Dv]
-        B, L_v, L_a = x.shape[0], x.shape[1], a.shape[1]
-        qv, kv, vv, mod_v = self.video.attention_inputs(x, e6_video, rope)
-        qa, ka, va, mod_a = self.action.attention_inputs(a, e6_action)
-        qu, ku, vu = self.und.attention_inputs(u, need_queries=not last)
+        # x: [B, L_v, Dv]  a: [B, L_a, Da] or None  u: [T_u, Du] (packed) or None  e6_*: [B, 6, D] or [B, L_v, 6, Dv]
+        # A stream given as None is absent (stage 1 trains the video expert alone).
+        B, L_v = x.shape[:2]
         flat = lambda t: None if t is None else t.flatten(0, 1)            # noqa: E731  [B, L, H, D] -> [B*L, H, D]
-        cu = [uniform_cu_seqlens(B, L_v, x.device), uniform_cu_seqlens(B, L_a, x.device), cu_und]
-        ov, oa, ou = joint_attention([flat(qv), flat(qa), qu], [flat(kv), flat(ka), ku], [flat(vv), flat(va), vu],
-                                     cu)
-        x = self.video.finish(x, ov.reshape(B, L_v, -1), mod_v, text_kv, text_lens)
-        a = self.action.finish(a, oa.reshape(B, L_a, -1), mod_a)
-        u = None if last else self.und.finish(u, ou.flatten(1))
+        qv, kv, vv, mod_v = self.video.attention_inputs(x, e6_video, rope)
+        q, k, v = [flat(qv)], [flat(kv)], [flat(vv)]
+        cu = [uniform_cu_seqlens(B, L_v, x.device)]
+        if a is not None:
+            qa, ka, va, mod_a = self.action.attention_inputs(a, e6_action)
+            q, k, v = q + [flat(qa)], k + [flat(ka)], v + [flat(va)]
+            cu.append(uniform_cu_seqlens(B, a.shape[1], x.device))
+        if u is not None:
+            qu, ku, vu = self.und.attention_inputs(u, need_queries=not last)
+            q, k, v = q + [qu], k + [ku], v + [vu]
+            cu.append(cu_und)
+        out = joint_attention(q, k, v, cu)
+        x = self.video.finish(x, out[0].reshape(B, L_v, -1), mod_v, text_kv, text_lens)
+        if a is not None:
+            a = self.action.finish(a, out[1].reshape(B, a.shape[1], -1), mod_a)
+        if u is not None:
+            u = None if last else self.und.finish(u, out[-1].flatten(1))
         return x, a, u
 
 
@@ -116,30 +125,34 @@ class Motus(nn.Module):
         ctx = self.video.text_embed(text.to(self.video.patch_embed.weight.dtype))
         return [blk.video.cross_attn.context_kv(ctx) for blk in self.blocks]
 
-    def forward(self, video: Tensor, t_video: Tensor, actions: Tensor, t_action: Tensor, cond: Conditioning,
-                text_kv: Optional[list] = None) -> tuple[Tensor, Tensor]:
+    def forward(self, video: Tensor, t_video: Tensor, actions: Optional[Tensor], t_action: Optional[Tensor],
+                cond: Conditioning, text_kv: Optional[list] = None) -> tuple[Tensor, Optional[Tensor]]:
         """Velocity prediction v = noise - x0 for both streams.
 
         video: noisy latents [B, C, T, H, W] (frame 0 the clean condition); t_video: [B] or per token [B, L_v],
-        0..1000; actions: noisy chunk [B, K, action_dim]; t_action: [B]; text_kv: encode_text(cond.text), if cached.
-        -> (video velocity [B, C, T, H, W], action velocity [B, K, action_dim])
+        0..1000; actions: noisy chunk [B, K, action_dim] (None: no action stream); t_action: [B]; cond.vlm None:
+        no und stream; text_kv: encode_text(cond.text), if cached.
+        -> (video velocity [B, C, T, H, W], action velocity [B, K, action_dim] or None)
         """
         B = video.shape[0]
         grid = self.video.token_grid(video.shape)
         t_video = _per_sample(t_video, B, "t_video", allow_tokens=True)
-        t_action = _per_sample(t_action, B, "t_action")
         x = self.video.embed(video)                                            # B, L_v, Dv
-        a = self.action.embed(actions, cond.state)                             # B, L_a, Da
-        u, cu_und = self.und.embed(cond.vlm, cond.vlm_lens)                   # T_u, Du
         e_video, e6_video = self.video.time(t_video)
-        e_action, e6_action = self.action.time(t_action)
+        a = e_action = e6_action = None
+        if actions is not None:
+            a = self.action.embed(actions, cond.state)                         # B, L_a, Da
+            e_action, e6_action = self.action.time(_per_sample(t_action, B, "t_action"))
+        u = cu_und = None
+        if cond.vlm is not None:
+            u, cu_und = self.und.embed(cond.vlm, cond.vlm_lens)               # T_u, Du
         cos, sin = rope_tables(grid, self.cfg.head_dim, device=x.device)
         if text_kv is None:
             text_kv = self.encode_text(cond.text)
         for i, blk in enumerate(self.blocks):
             x, a, u = blk(x, a, u, e6_video=e6_video, e6_action=e6_action, rope=(cos, sin), text_kv=text_kv[i],
                           text_lens=cond.text_lens, cu_und=cu_und, last=i == len(self.blocks) - 1)
-        return self.video.unembed(x, e_video, grid), self.action.unembed(a, e_action)
+        return self.video.unembed(x, e_video, grid), None if a is None else self.action.unembed(a, e_action)
 
     def sample(self, mode: str = "vla", **kwargs):
         """Sample with one of the five modes; see ``motus_fast.flow.sample``."""
