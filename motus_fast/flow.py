@@ -131,14 +131,15 @@ class SampleResult:
 
 
 @torch.no_grad()
-def sample(model, mode: str = "vla", *, cond_latent: Tensor, cond: Conditioning, num_frames: Optional[int] = None,
+def sample(model, mode: str = "vla", *, cond: Conditioning, cond_latent: Optional[Tensor] = None, num_frames: Optional[int] = None,
            actions: Optional[Tensor] = None, video: Optional[Tensor] = None, steps: Optional[int] = None,
            shift: Optional[float] = None, noise_video: Optional[Tensor] = None,
            noise_action: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
            progress: bool = False) -> SampleResult:
     """Euler sampler for the five modes.
 
-    cond_latent: clean first-frame latent [B, C, 1, H, W]; cond: text/VLM/state; num_frames: latent frames T
+    cond: text/VLM/state; cond_latent: clean first-frame latent [B, C, 1, H, W] (in `idm` it is the given clip's
+    frame 0 and may be omitted); num_frames: latent frames T
     (including the condition frame; taken from `noise_video` or `video` if those are given); actions: the given
     chunk in `world_model`; video: the given clip [B, C, T, H, W] in `idm`; steps/shift: Euler steps on
     ``sampling_grid`` (config defaults: 10, unshifted); noise_*: initial noise (drawn with `generator` if None).
@@ -148,12 +149,19 @@ def sample(model, mode: str = "vla", *, cond_latent: Tensor, cond: Conditioning,
     flow: FlowConfig = model.cfg.flow
     acfg = model.cfg.action
     dtype = next(model.parameters()).dtype
-    B, C, _, H, W = cond_latent.shape
-    dev = cond_latent.device
     if mode == "world_model" and actions is None:
         raise ValueError("mode 'world_model' needs the given `actions` [B, K, action_dim]")
-    if mode == "idm" and video is None:
-        raise ValueError("mode 'idm' needs the given `video` latents [B, C, T, H, W]")
+    if mode == "idm":
+        if video is None:
+            raise ValueError("mode 'idm' needs the given `video` latents [B, C, T, H, W]")
+        if cond_latent is None:
+            cond_latent = video[:, :, :1]
+        elif not torch.equal(cond_latent, video[:, :, :1]):
+            raise ValueError("mode 'idm': cond_latent differs from frame 0 of the given video (omit it)")
+    if cond_latent is None:
+        raise ValueError(f"mode {mode!r} needs cond_latent, the clean first-frame latent [B, C, 1, H, W]")
+    B, C, _, H, W = cond_latent.shape
+    dev = cond_latent.device
     for name, ref in (("noise_video", noise_video), ("video", video)):
         if ref is not None:
             num_frames = ref.shape[2] if num_frames is None else num_frames
