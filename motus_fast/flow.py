@@ -182,14 +182,14 @@ def sample(model, mode: str = "vla", *, cond: Conditioning, cond_latent: Optiona
     x = video.to(dtype) if mode == "idm" else with_condition_frame(noise_video.to(dtype), cond_latent)
     a = actions.to(dtype) if mode == "world_model" else noise_action.to(dtype)
     cond = cond.to(dtype)
-    text_kv = model.encode_text(cond.text)           # depends only on the instruction: once per call
+    cache = model.cache_conditioning(cond)            # text K/V and und tokens: once per call, not per step
     t_grid = sampling_grid(steps or flow.sample_steps, flow.sample_shift if shift is None else shift, dtype, dev)
     full = torch.full((B,), float(flow.num_train_timesteps), dtype=dtype, device=dev)
     for i in tqdm(range(len(t_grid) - 1), desc=f"sample[{mode}]", disable=not progress, leave=False):
         t_now = (t_grid[i] * flow.num_train_timesteps).expand(B)
         t_v = t_now if integrate_video else (full if mode == "vla" else torch.zeros_like(full))
         t_a = t_now if integrate_action else (full if mode == "video" else torch.zeros_like(full))
-        v_video, v_action = model(x, t_v, a, t_a, cond, text_kv=text_kv)
+        v_video, v_action = model(x, t_v, a, t_a, cond, cache=cache)
         dt = t_grid[i + 1] - t_grid[i]
         if integrate_video:
             x = with_condition_frame(x + v_video * dt, cond_latent)

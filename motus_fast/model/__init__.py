@@ -1,3 +1,3 @@
-from motus_fast.model.mot import Conditioning, Motus, MotusBlock
+from motus_fast.model.mot import ConditionCache, Conditioning, Motus, MotusBlock
 
-__all__ = ["Conditioning", "Motus", "MotusBlock"]
+__all__ = ["ConditionCache", "Conditioning", "Motus", "MotusBlock"]

@@ -46,6 +46,15 @@ class Conditioning:
         return Conditioning(mv(self.text), mv(self.vlm), mv(self.state), self.text_lens, self.vlm_lens)
 
 
+@dataclass
+class ConditionCache:
+    """What depends only on the conditioning, computed once per request and reused by every denoising step:
+    per-layer cross-attention (k, v) of the text, and the packed und tokens after the VLM adapter."""
+
+    text_kv: list
+    und: Optional[tuple[Tensor, Tensor]]   # (tokens [T_u, Du], cu_seqlens [B+1]) or None (no und stream)
+
+
 def uniform_cu_seqlens(batch: int, length: int, device) -> Tensor:
     return torch.arange(batch + 1, device=device, dtype=torch.int32) * length
 
@@ -125,13 +134,17 @@ class Motus(nn.Module):
         ctx = self.video.text_embed(text.to(self.video.patch_embed.weight.dtype))
         return [blk.video.cross_attn.context_kv(ctx) for blk in self.blocks]
 
+    def cache_conditioning(self, cond: Conditioning) -> ConditionCache:
+        und = None if cond.vlm is None else self.und.embed(cond.vlm, cond.vlm_lens)
+        return ConditionCache(text_kv=self.encode_text(cond.text), und=und)
+
     def forward(self, video: Tensor, t_video: Tensor, actions: Optional[Tensor], t_action: Optional[Tensor],
-                cond: Conditioning, text_kv: Optional[list] = None) -> tuple[Tensor, Optional[Tensor]]:
+                cond: Conditioning, cache: Optional[ConditionCache] = None) -> tuple[Tensor, Optional[Tensor]]:
         """Velocity prediction v = noise - x0 for both streams.
 
         video: noisy latents [B, C, T, H, W] (frame 0 the clean condition); t_video: [B] or per token [B, L_v],
         0..1000; actions: noisy chunk [B, K, action_dim] (None: no action stream); t_action: [B]; cond.vlm None:
-        no und stream; text_kv: encode_text(cond.text), if cached.
+        no und stream; cache: cache_conditioning(cond), if the caller reuses it across steps.
         -> (video velocity [B, C, T, H, W], action velocity [B, K, action_dim] or None)
         """
         B = video.shape[0]
@@ -143,12 +156,10 @@ class Motus(nn.Module):
         if actions is not None:
             a = self.action.embed(actions, cond.state)                         # B, L_a, Da
             e_action, e6_action = self.action.time(_per_sample(t_action, B, "t_action"))
-        u = cu_und = None
-        if cond.vlm is not None:
-            u, cu_und = self.und.embed(cond.vlm, cond.vlm_lens)               # T_u, Du
+        cache = cache or self.cache_conditioning(cond)
+        u, cu_und = cache.und or (None, None)                                  # T_u, Du (packed)
+        text_kv = cache.text_kv
         cos, sin = rope_tables(grid, self.cfg.head_dim, device=x.device)
-        if text_kv is None:
-            text_kv = self.encode_text(cond.text)
         for i, blk in enumerate(self.blocks):
             x, a, u = blk(x, a, u, e6_video=e6_video, e6_action=e6_action, rope=(cos, sin), text_kv=text_kv[i],
                           text_lens=cond.text_lens, cu_und=cu_und, last=i == len(self.blocks) - 1)
