@@ -48,11 +48,13 @@ class Conditioning:
 
 @dataclass
 class ConditionCache:
-    """What depends only on the conditioning, computed once per request and reused by every denoising step:
-    per-layer cross-attention (k, v) of the text, and the packed und tokens after the VLM adapter."""
+    """What depends only on the conditioning, computed once per request and reused by every denoising step: the
+    embedded text context, optionally every layer's cross-attention (k, v) of it, and the packed und tokens after
+    the VLM adapter. (Under FSDP the per-layer K/V must be computed inside each block: leave text_kv None.)"""
 
-    text_kv: list
-    und: Optional[tuple[Tensor, Tensor]]   # (tokens [T_u, Du], cu_seqlens [B+1]) or None (no und stream)
+    text_ctx: Tensor                        # [B, L_t, Dv]
+    text_kv: Optional[list]                 # per layer (k, v) [B, L_t, H, D], or None
+    und: Optional[tuple[Tensor, Tensor]]    # (tokens [T_u, Du], cu_seqlens [B+1]) or None (no und stream)
 
 
 def uniform_cu_seqlens(batch: int, length: int, device) -> Tensor:
@@ -66,9 +68,10 @@ class MotusBlock(nn.Module):
         self.action = ActionLayer(cfg.action, cfg.num_heads, cfg.head_dim)
         self.und = UndLayer(cfg.und, cfg.num_heads, cfg.head_dim)
 
-    def forward(self, x, a, u, *, e6_video, e6_action, rope, text_kv, text_lens, cu_und, last: bool):
+    def forward(self, x, a, u, *, e6_video, e6_action, rope, text, text_lens, cu_und, last: bool):
         # x: [B, L_v, Dv]  a: [B, L_a, Da] or None  u: [T_u, Du] (packed) or None  e6_*: [B, 6, D] or [B, L_v, 6, Dv]
-        # A stream given as None is absent (stage 1 trains the video expert alone).
+        # text: embedded context [B, L_t, Dv] or this layer's cached (k, v). A stream given as None is absent
+        # (stage 1 trains the video expert alone).
         B, L_v = x.shape[:2]
         flat = lambda t: None if t is None else t.flatten(0, 1)            # noqa: E731  [B, L, H, D] -> [B*L, H, D]
         qv, kv, vv, mod_v = self.video.attention_inputs(x, e6_video, rope)
@@ -83,7 +86,7 @@ class MotusBlock(nn.Module):
             q, k, v = q + [qu], k + [ku], v + [vu]
             cu.append(cu_und)
         out = joint_attention(q, k, v, cu)
-        x = self.video.finish(x, out[0].reshape(B, L_v, -1), mod_v, text_kv, text_lens)
+        x = self.video.finish(x, out[0].reshape(B, L_v, -1), mod_v, text, text_lens)
         if a is not None:
             a = self.action.finish(a, out[1].reshape(B, a.shape[1], -1), mod_a)
         if u is not None:
@@ -100,6 +103,7 @@ class Motus(nn.Module):
         self.und = UndExpert(cfg.und)
         self.blocks = nn.ModuleList(MotusBlock(cfg) for _ in range(cfg.num_layers))
         self.init_weights()
+        self.activation_checkpointing = False   # set by the trainer (a run-time choice, not part of the model)
 
     # ---- construction ------------------------------------------------------------------------------------
     def init_weights(self) -> None:
@@ -129,14 +133,12 @@ class Motus(nn.Module):
         return {k: sum(p.numel() for _, p in v) for k, v in self.expert_parameters().items()}
 
     # ---- forward -----------------------------------------------------------------------------------------
-    def encode_text(self, text: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """umT5 states [B, L_t, text_dim] -> per-layer cross-attention (k, v). Depends only on the instruction."""
-        ctx = self.video.text_embed(text.to(self.video.patch_embed.weight.dtype))
-        return [blk.video.cross_attn.context_kv(ctx) for blk in self.blocks]
-
-    def cache_conditioning(self, cond: Conditioning) -> ConditionCache:
+    def cache_conditioning(self, cond: Conditioning, per_layer_text_kv: bool = True) -> ConditionCache:
+        """Everything that depends only on the conditioning (once per request, not per denoising step)."""
+        ctx = self.video.text_embed(cond.text.to(self.video.patch_embed.weight.dtype))
+        text_kv = [blk.video.cross_attn.context_kv(ctx) for blk in self.blocks] if per_layer_text_kv else None
         und = None if cond.vlm is None else self.und.embed(cond.vlm, cond.vlm_lens)
-        return ConditionCache(text_kv=self.encode_text(cond.text), und=und)
+        return ConditionCache(text_ctx=ctx, text_kv=text_kv, und=und)
 
     def forward(self, video: Tensor, t_video: Tensor, actions: Optional[Tensor], t_action: Optional[Tensor],
                 cond: Conditioning, cache: Optional[ConditionCache] = None) -> tuple[Tensor, Optional[Tensor]]:
@@ -156,13 +158,18 @@ class Motus(nn.Module):
         if actions is not None:
             a = self.action.embed(actions, cond.state)                         # B, L_a, Da
             e_action, e6_action = self.action.time(_per_sample(t_action, B, "t_action"))
-        cache = cache or self.cache_conditioning(cond)
+        cache = cache or self.cache_conditioning(cond, per_layer_text_kv=False)
         u, cu_und = cache.und or (None, None)                                  # T_u, Du (packed)
-        text_kv = cache.text_kv
         cos, sin = rope_tables(grid, self.cfg.head_dim, device=x.device)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, blk in enumerate(self.blocks):
-            x, a, u = blk(x, a, u, e6_video=e6_video, e6_action=e6_action, rope=(cos, sin), text_kv=text_kv[i],
-                          text_lens=cond.text_lens, cu_und=cu_und, last=i == len(self.blocks) - 1)
+            text = cache.text_kv[i] if cache.text_kv is not None else cache.text_ctx
+            kw = dict(e6_video=e6_video, e6_action=e6_action, rope=(cos, sin), text=text,
+                      text_lens=cond.text_lens, cu_und=cu_und, last=i == len(self.blocks) - 1)
+            if recompute:   # keep only the block inputs; recompute the block in backward
+                x, a, u = torch.utils.checkpoint.checkpoint(blk, x, a, u, use_reentrant=False, **kw)
+            else:
+                x, a, u = blk(x, a, u, **kw)
         return self.video.unembed(x, e_video, grid), None if a is None else self.action.unembed(a, e_action)
 
     def sample(self, mode: str = "vla", **kwargs):

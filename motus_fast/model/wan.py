@@ -65,10 +65,12 @@ class VideoLayer(nn.Module):
         q, k = qk_norm_rope(q, k, self.norm_q.weight, self.norm_k.weight, self.cfg.eps, self.cfg.num_heads, rope)
         return q, k, split_heads(v, self.cfg.num_heads), mod
 
-    def finish(self, x, attn, mod, text_kv, text_lens=None):
-        """x: [B, L, dim]; attn: joint attention output [B, L, H*D] -> layer output [B, L, dim]."""
+    def finish(self, x, attn, mod, text, text_lens=None):
+        """x: [B, L, dim]; attn: joint attention output [B, L, H*D]; text: embedded context [B, L_t, dim] or its
+        cached (k, v) -> layer output [B, L, dim]."""
         x = x + self.o(attn) * mod[2]
-        x = x + self.cross_attn(self.cross_norm(x), text_kv, text_lens)
+        kv = text if isinstance(text, tuple) else self.cross_attn.context_kv(text)
+        x = x + self.cross_attn(self.cross_norm(x), kv, text_lens)
         return x + self.ffn(adaln_modulate(x, mod[3], mod[4], self.cfg.eps)) * mod[5]
 
 

@@ -52,18 +52,17 @@ def test_forward_intermediates_match_upstream(tiny_model, tiny_fixture):
         assert_close_to_fixture("action_tokens_in", a, io["fwd.dbg.action_tokens_in"])
         u, cu = m.und.embed(cond.vlm)
         assert_close_to_fixture("und_tokens_in", u.reshape(2, -1, u.shape[-1]), io["fwd.dbg.und_tokens_in"])
-        ctx = m.video.text_embed(cond.text)
-        assert_close_to_fixture("t5_context_embedded", ctx, io["fwd.dbg.t5_context_embedded"])
+        cache = m.cache_conditioning(cond)
+        assert_close_to_fixture("t5_context_embedded", cache.text_ctx, io["fwd.dbg.t5_context_embedded"])
 
         # run the layers and compare their outputs
         from motus_fast.model.rope import rope_tables
         x = m.video.embed(x0)
         grid = m.video.token_grid(x0.shape)
         rope = rope_tables(grid, m.cfg.head_dim)
-        text_kv = m.encode_text(cond.text)
         for i, blk in enumerate(m.blocks):
             last = i == len(m.blocks) - 1
-            x, a, u = blk(x, a, u, e6_video=e6, e6_action=e6a, rope=rope, text_kv=text_kv[i], text_lens=None,
+            x, a, u = blk(x, a, u, e6_video=e6, e6_action=e6a, rope=rope, text=cache.text_kv[i], text_lens=None,
                           cu_und=cu, last=last)
             assert_close_to_fixture(f"layer{i}.video_out", x, io[f"fwd.dbg.layer{i}.video_out"])
             assert_close_to_fixture(f"layer{i}.action_out", a, io[f"fwd.dbg.layer{i}.action_out"])
