@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 
 @dataclass(frozen=True)
@@ -152,6 +152,51 @@ def _build(cls, d: dict[str, Any], where: str):
         raise KeyError(f"unknown field(s) {sorted(unknown)} in {where or 'config'}")
     d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
     return cls(**d)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run (DESIGN.md section 7). Batch sizes are per process and micro-step; the effective batch is
+    batch_size * grad_accum * world_size. Defaults follow upstream (AdamW 0.9/0.95, wd 0.01, clip 0.5, linear
+    schedule after a 200-step warm-up)."""
+
+    stage: int = 3                  # 1: video expert only; 2: all experts on latent actions; 3: target robot
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 5e-5
+    video_lr: Optional[float] = None        # separate learning rate for the video expert (upstream wan_learning_rate)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.01
+    grad_clip: float = 0.5
+    warmup_steps: int = 200
+    schedule: Literal["constant", "linear", "cosine"] = "linear"
+    min_lr_ratio: float = 0.4               # lr multiplier at the last step (upstream f_min)
+    ema_decay: float = 0.0                  # 0 disables EMA
+    seed: int = 0
+    param_dtype: Literal["bf16", "fp32"] = "bf16"   # FSDP compute dtype; gradients are reduced in fp32
+    activation_checkpointing: bool = True
+    compile: bool = False
+    save_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 10
+    logger: Literal["tensorboard", "wandb", "jsonl"] = "tensorboard"
+    init_from: Optional[str] = None         # checkpoint dir to initialise weights from (stage transitions)
+
+    def __post_init__(self):
+        if self.stage not in (1, 2, 3):
+            raise ValueError(f"stage must be 1, 2 or 3, got {self.stage}")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+    def override(self, overrides: dict[str, Any]) -> "TrainConfig":
+        d = dataclasses.asdict(self)
+        unknown = set(overrides) - set(d)
+        if unknown:
+            raise KeyError(f"unknown train config field(s) {sorted(unknown)}")
+        d.update(overrides)
+        return _build(TrainConfig, d, "train")
 
 
 PRESETS: dict[str, MotusConfig] = {

@@ -59,11 +59,12 @@ def with_condition_frame(video: Tensor, cond_latent: Tensor) -> Tensor:
 # ---- training ---------------------------------------------------------------------------------------------
 @dataclass
 class FlowBatch:
-    """Clean training data. video: [B, C, T, H, W] latents (frame 0 = condition); actions: [B, K, action_dim];
-    has_actions: [B] bool, False for action-free samples (their action stream is fed at t = 1 and not scored)."""
+    """Clean training data. video: [B, C, T, H, W] latents (frame 0 = condition); actions: [B, K, action_dim]
+    (None: no action stream, stage 1); has_actions: [B] bool, False for action-free samples (their action stream
+    is fed at t = 1 and not scored)."""
 
     video: Tensor
-    actions: Tensor
+    actions: Optional[Tensor]
     cond: Conditioning
     has_actions: Optional[Tensor] = None
 
@@ -76,8 +77,8 @@ class FlowDraws:
 
     video_ids: Tensor
     video_noise: Tensor
-    action_ids: Tensor
-    action_noise: Tensor
+    action_ids: Optional[Tensor] = None
+    action_noise: Optional[Tensor] = None
 
     @staticmethod
     def sample(batch: FlowBatch, cfg: FlowConfig, generator: Optional[torch.Generator] = None) -> "FlowDraws":
@@ -85,6 +86,8 @@ class FlowDraws:
         n = cfg.num_train_timesteps
         video_ids = torch.randint(0, n, (B,), generator=generator, device=dev)
         video_noise = torch.randn(batch.video.shape, generator=generator, device=dev, dtype=batch.video.dtype)
+        if batch.actions is None:
+            return FlowDraws(video_ids, video_noise)
         action_ids = torch.randint(0, n, (B,), generator=generator, device=dev)
         action_noise = torch.randn(batch.actions.shape, generator=generator, device=dev, dtype=batch.actions.dtype)
         return FlowDraws(video_ids, video_noise, action_ids, action_noise)
@@ -96,20 +99,24 @@ def training_loss(model, batch: FlowBatch, draws: Optional[FlowDraws] = None,
     cfg: FlowConfig = model.cfg.flow
     draws = draws or FlowDraws.sample(batch, cfg, generator)
     sigmas = training_sigmas(cfg).to(batch.video.device)
-    sigma_v, sigma_a = sigmas[draws.video_ids], sigmas[draws.action_ids]
+    sigma_v = sigmas[draws.video_ids]
+    cond_latent = batch.video[:, :, :1]
+    video_in = with_condition_frame(add_noise(batch.video, draws.video_noise, sigma_v), cond_latent)
+    if batch.actions is None:   # video stream alone
+        pred_v, _ = model(video_in, sigma_v * cfg.num_train_timesteps, None, None, batch.cond)
+        loss_video = _video_loss(pred_v, draws.video_noise - batch.video)
+        return {"loss": cfg.video_loss_weight * loss_video, "loss_video": loss_video,
+                "loss_action": torch.zeros_like(loss_video)}
+
+    sigma_a = sigmas[draws.action_ids]
     has_actions = batch.has_actions
     if has_actions is not None:
         sigma_a = torch.where(has_actions.to(sigma_a.device), sigma_a, torch.ones_like(sigma_a))
-
-    cond_latent = batch.video[:, :, :1]
-    video_in = with_condition_frame(add_noise(batch.video, draws.video_noise, sigma_v), cond_latent)
     actions_in = add_noise(batch.actions, draws.action_noise, sigma_a)
     pred_v, pred_a = model(video_in, sigma_v * cfg.num_train_timesteps, actions_in,
                            sigma_a * cfg.num_train_timesteps, batch.cond)
 
-    target_v = draws.video_noise - batch.video
-    zero_first = lambda t: with_condition_frame(t, torch.zeros_like(t[:, :, :1]))   # noqa: E731
-    loss_video = (zero_first(pred_v).float() - zero_first(target_v).float()).pow(2).mean()
+    loss_video = _video_loss(pred_v, draws.video_noise - batch.video)
     err_a = (pred_a.float() - (draws.action_noise - batch.actions).float()).pow(2)
     if has_actions is None:
         loss_action = err_a.mean()
@@ -118,6 +125,12 @@ def training_loss(model, batch: FlowBatch, draws: Optional[FlowDraws] = None,
         loss_action = (err_a.mean(dim=(1, 2)) * w).sum() / w.sum().clamp(min=1)
     loss = cfg.video_loss_weight * loss_video + cfg.action_loss_weight * loss_action
     return {"loss": loss, "loss_video": loss_video, "loss_action": loss_action}
+
+
+def _video_loss(pred_v: Tensor, target_v: Tensor) -> Tensor:
+    """MSE over all elements with the condition frame's terms zeroed (upstream: frame 0 still counts in the mean)."""
+    zero_first = lambda t: with_condition_frame(t, torch.zeros_like(t[:, :, :1]))   # noqa: E731
+    return (zero_first(pred_v).float() - zero_first(target_v).float()).pow(2).mean()
 
 
 # ---- sampling -----------------------------------------------------------------------------------------------

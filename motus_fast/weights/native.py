@@ -20,18 +20,30 @@ FORMAT = "motus_fast/1"
 def save_pretrained(model, out_dir: str | Path, dtype: Optional[torch.dtype] = None, extra: Optional[dict] = None):
     """Write model.safetensors + config.json into out_dir (created). `extra`: more JSON-able metadata
     (e.g. norm stats) stored in config.json under "extra"."""
+    return save_state_dict(model.state_dict(), model.cfg, out_dir, dtype, extra)
+
+
+def save_state_dict(state_dict: dict, cfg: MotusConfig, out_dir: str | Path, dtype: Optional[torch.dtype] = None,
+                    extra: Optional[dict] = None, filename: str = "model.safetensors"):
+    """save_pretrained for a state dict we already hold (e.g. gathered from FSDP shards)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
-          for k, v in model.state_dict().items()}
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": FORMAT})
-    meta = {"format": FORMAT, "config": model.cfg.to_dict()}
+          for k, v in state_dict.items()}
+    save_file(sd, str(out / filename), metadata={"format": FORMAT})
+    meta = {"format": FORMAT, "config": cfg.to_dict()}
     if extra:
         meta["extra"] = extra
     (out / "config.json").write_text(json.dumps(meta, indent=2))
     return out
+
+
+def load_extra(ckpt_dir: str | Path) -> dict:
+    """The "extra" metadata stored with a checkpoint (norm stats, ...); {} if none."""
+    path = Path(ckpt_dir) / "config.json"
+    return json.loads(path.read_text()).get("extra", {}) if path.is_file() else {}
 
 
 def load_config(ckpt_dir: str | Path) -> MotusConfig:
