@@ -48,6 +48,9 @@ def choose(op: str, available: dict[str, bool], device_type: str) -> str:
 
 
 def _log_once(op: str, key: str, level: int, msg: str) -> None:
+    import torch
+    if torch.compiler.is_compiling():   # dynamo cannot trace logging; the eager call logs it
+        return
     if (op, key) not in _logged:
         _logged.add((op, key))
         log.log(level, msg)

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 
 # modules that add sub-commands (each has register(subparsers))
@@ -97,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP threads that spin while waiting collapse (50-100x) when another process shares the cores: the demo's
+    # server + simulator + trainer, torchrun on a small CPU box. Passive waiting costs little; set it before the
+    # sub-commands import torch (an explicit OMP_WAIT_POLICY wins).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from motus_fast.config import FlowConfig
 from motus_fast.model.mot import Conditioning
+from motus_fast.ops import euler_step, masked_mse, noise_and_target
 
 Tensor = torch.Tensor
 MODES = ("joint", "vla", "world_model", "idm", "video")
@@ -43,12 +44,6 @@ def sampling_grid(steps: int, shift: float = 1.0, dtype=torch.float32, device=No
         raise ValueError(f"steps must be >= 1, got {steps}")
     t = torch.linspace(1.0, 0.0, steps + 1, dtype=dtype, device=device)
     return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
-
-
-def add_noise(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
-    """(1 - sigma) x0 + sigma noise with a per-sample sigma [B]."""
-    s = sigma.reshape(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
-    return (1 - s) * x0 + s * noise
 
 
 def with_condition_frame(video: Tensor, cond_latent: Tensor) -> Tensor:
@@ -100,11 +95,11 @@ def training_loss(model, batch: FlowBatch, draws: Optional[FlowDraws] = None,
     draws = draws or FlowDraws.sample(batch, cfg, generator)
     sigmas = training_sigmas(cfg).to(batch.video.device)
     sigma_v = sigmas[draws.video_ids]
-    cond_latent = batch.video[:, :, :1]
-    video_in = with_condition_frame(add_noise(batch.video, draws.video_noise, sigma_v), cond_latent)
+    # x_t with the clean condition frame 0 kept, and the target noise - x0, in one pass
+    video_in, target_v = noise_and_target(batch.video, draws.video_noise, sigma_v, clean_frames=1)
     if batch.actions is None:   # video stream alone
         pred_v, _ = model(video_in, sigma_v * cfg.num_train_timesteps, None, None, batch.cond)
-        loss_video = _video_loss(pred_v, draws.video_noise - batch.video)
+        loss_video = masked_mse(pred_v, target_v, skip_frames=1)
         return {"loss": cfg.video_loss_weight * loss_video, "loss_video": loss_video,
                 "loss_action": torch.zeros_like(loss_video)}
 
@@ -112,25 +107,15 @@ def training_loss(model, batch: FlowBatch, draws: Optional[FlowDraws] = None,
     has_actions = batch.has_actions
     if has_actions is not None:
         sigma_a = torch.where(has_actions.to(sigma_a.device), sigma_a, torch.ones_like(sigma_a))
-    actions_in = add_noise(batch.actions, draws.action_noise, sigma_a)
+    actions_in, target_a = noise_and_target(batch.actions, draws.action_noise, sigma_a)
     pred_v, pred_a = model(video_in, sigma_v * cfg.num_train_timesteps, actions_in,
                            sigma_a * cfg.num_train_timesteps, batch.cond)
 
-    loss_video = _video_loss(pred_v, draws.video_noise - batch.video)
-    err_a = (pred_a.float() - (draws.action_noise - batch.actions).float()).pow(2)
-    if has_actions is None:
-        loss_action = err_a.mean()
-    else:
-        w = has_actions.to(err_a.dtype)
-        loss_action = (err_a.mean(dim=(1, 2)) * w).sum() / w.sum().clamp(min=1)
+    # video: frame 0's terms are zero but still count in the mean (upstream); actions: action-free samples weigh 0
+    loss_video = masked_mse(pred_v, target_v, skip_frames=1)
+    loss_action = masked_mse(pred_a, target_a, None if has_actions is None else has_actions.to(pred_a.device))
     loss = cfg.video_loss_weight * loss_video + cfg.action_loss_weight * loss_action
     return {"loss": loss, "loss_video": loss_video, "loss_action": loss_action}
-
-
-def _video_loss(pred_v: Tensor, target_v: Tensor) -> Tensor:
-    """MSE over all elements with the condition frame's terms zeroed (upstream: frame 0 still counts in the mean)."""
-    zero_first = lambda t: with_condition_frame(t, torch.zeros_like(t[:, :, :1]))   # noqa: E731
-    return (zero_first(pred_v).float() - zero_first(target_v).float()).pow(2).mean()
 
 
 # ---- sampling -----------------------------------------------------------------------------------------------
@@ -198,14 +183,19 @@ def sample(model, mode: str = "vla", *, cond: Conditioning, cond_latent: Optiona
     cache = model.cache_conditioning(cond)            # text K/V and und tokens: once per call, not per step
     t_grid = sampling_grid(steps or flow.sample_steps, flow.sample_shift if shift is None else shift, dtype, dev)
     full = torch.full((B,), float(flow.num_train_timesteps), dtype=dtype, device=dev)
+    t_scaled, dts = t_grid * flow.num_train_timesteps, t_grid[1:] - t_grid[:-1]   # per-step inputs, made once
     for i in tqdm(range(len(t_grid) - 1), desc=f"sample[{mode}]", disable=not progress, leave=False):
-        t_now = (t_grid[i] * flow.num_train_timesteps).expand(B)
+        t_now = t_scaled[i].expand(B)
         t_v = t_now if integrate_video else (full if mode == "vla" else torch.zeros_like(full))
         t_a = t_now if integrate_action else (full if mode == "video" else torch.zeros_like(full))
         v_video, v_action = model(x, t_v, a, t_a, cond, cache=cache)
-        dt = t_grid[i + 1] - t_grid[i]
+        # x + dt v for the integrated streams in one launch; the condition frame is re-clamped
+        xs, vs, conds = [], [], []
         if integrate_video:
-            x = with_condition_frame(x + v_video * dt, cond_latent)
+            xs, vs, conds = [x], [v_video], [cond_latent]
         if integrate_action:
-            a = a + v_action * dt
+            xs, vs, conds = xs + [a], vs + [v_action], conds + [None]
+        stepped = euler_step(xs, vs, dts[i], conds)
+        x = stepped[0] if integrate_video else x
+        a = stepped[-1] if integrate_action else a
     return SampleResult(video=None if mode == "vla" else x, actions=None if mode == "video" else a)

@@ -2,8 +2,13 @@ import json
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# before torch loads OpenMP: spinning threads collapse when tests run servers and torchrun workers side by side
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fixture_utils import assert_close_to_fixture, rel_l2  # noqa: F401  (re-exported for tests)
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("MOTUS_FIXTURES", REPO.parent / "shared" / "fixtures"))
@@ -26,19 +31,6 @@ def _reference_backend_by_default(monkeypatch):
     test slow without testing anything new."""
     if "MOTUS_BACKEND" not in os.environ:
         monkeypatch.setenv("MOTUS_BACKEND", "reference")
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
-
-def assert_close_to_fixture(name: str, got: torch.Tensor, want: torch.Tensor, tol: float = 1e-5):
-    """The fixture README's rule: rel-L2 <= tol and max|a-b| <= tol * max|b|."""
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    r = rel_l2(got, want)
-    m = (got.double() - want.double()).abs().max().item() / want.double().abs().max().item()
-    assert r <= tol and m <= tol, f"{name}: rel-L2 {r:.2e}, max-abs-rel {m:.2e} (tol {tol:.0e})"
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ def test_every_parameter_gets_a_gradient(tiny_model, tiny_fixture):
     last = f"blocks.{model.cfg.num_layers - 1}.und."
     dead = {last + n for n in ("o.weight", "norm_q.weight", "ffn.0.weight", "ffn.0.bias", "ffn.2.weight",
                                "ffn.2.bias")}
+    assert model.unused_parameter_names() == dead
     width = model.cfg.num_heads * model.cfg.head_dim
     try:
         for name, p in model.named_parameters():

@@ -16,7 +16,7 @@ from torch import nn
 from motus_fast.config import ActionExpertConfig
 from motus_fast.model.embed import TimeEmbedding, modulation_chunks, position_table
 from motus_fast.model.layers import RMSNorm, feed_forward, mlp3x_silu, split_heads
-from motus_fast.ops import adaln_modulate, gated_residual_adaln, qk_norm_rope
+from motus_fast.ops import ExpertQK, adaln_modulate, gated_residual_adaln
 
 
 class ActionLayer(nn.Module):
@@ -32,12 +32,13 @@ class ActionLayer(nn.Module):
         self.ffn = feed_forward(d, cfg.ffn_dim)
 
     def attention_inputs(self, a, e6):
-        """a: [B, L_a, dim]; e6: [B, 6, dim] -> q, k, v: [B, L_a, H, D] and the 6 modulation chunks."""
+        """a: [B, L_a, dim]; e6: [B, 6, dim] -> q, k [B, L_a, H*D] as an ExpertQK (normalised by MotusBlock, no
+        RoPE), v: [B, L_a, H, D], and the 6 modulation chunks."""
         mod = modulation_chunks(self.modulation, e6)
         h = adaln_modulate(a, mod[0], mod[1], self.cfg.eps)
         q, k, v = self.qkv(h).chunk(3, dim=-1)
-        q, k = qk_norm_rope(q, k, self.norm_q.weight, self.norm_k.weight, self.cfg.eps, self.num_heads)
-        return q, k, split_heads(v, self.num_heads), mod
+        qk = ExpertQK(q, k, self.norm_q.weight, self.norm_k.weight, self.cfg.eps)
+        return qk, split_heads(v, self.num_heads), mod
 
     def finish(self, a, attn, mod):
         """a: [B, L_a, dim]; attn: [B, L_a, H*D] -> [B, L_a, dim]"""
@@ -84,6 +85,6 @@ class ActionExpert(nn.Module):
     def unembed(self, a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """a: [B, L_a, dim]; e: time embedding [B, dim] -> velocity of the action tokens [B, K, action_dim]"""
         shift, scale = (self.decoder_modulation + e[:, None]).unsqueeze(1).unbind(2)
-        y = self.head(adaln_modulate(a, shift, scale, self.cfg.eps))
-        start = 1 if self.cfg.layout == "finetune" else 0
-        return y[:, start: start + self.cfg.chunk_size]
+        start = 1 if self.cfg.layout == "finetune" else 0     # drop the state row (and the registers after K)
+        a = a[:, start: start + self.cfg.chunk_size]
+        return self.head(adaln_modulate(a, shift, scale, self.cfg.eps))

@@ -20,7 +20,7 @@ from motus_fast.model.action import ActionExpert, ActionLayer
 from motus_fast.model.rope import rope_tables
 from motus_fast.model.und import UndExpert, UndLayer
 from motus_fast.model.wan import VideoExpert, VideoLayer
-from motus_fast.ops import joint_attention
+from motus_fast.ops import joint_attention, qk_norm_rope
 
 Tensor = torch.Tensor
 
@@ -73,19 +73,23 @@ class MotusBlock(nn.Module):
         # text: embedded context [B, L_t, Dv] or this layer's cached (k, v). A stream given as None is absent
         # (stage 1 trains the video expert alone).
         B, L_v = x.shape[:2]
-        flat = lambda t: None if t is None else t.flatten(0, 1)            # noqa: E731  [B, L, H, D] -> [B*L, H, D]
-        qv, kv, vv, mod_v = self.video.attention_inputs(x, e6_video, rope)
-        q, k, v = [flat(qv)], [flat(kv)], [flat(vv)]
+        rows = lambda t: None if t is None else t.reshape(-1, *t.shape[-2:])  # noqa: E731  [.., H, D] -> [T, H, D]
+        qk_v, vv, mod_v = self.video.attention_inputs(x, e6_video, rope)
+        qk, v = [qk_v], [rows(vv)]
         cu = [uniform_cu_seqlens(B, L_v, x.device)]
         if a is not None:
-            qa, ka, va, mod_a = self.action.attention_inputs(a, e6_action)
-            q, k, v = q + [flat(qa)], k + [flat(ka)], v + [flat(va)]
+            qk_a, va, mod_a = self.action.attention_inputs(a, e6_action)
+            qk, v = qk + [qk_a], v + [rows(va)]
             cu.append(uniform_cu_seqlens(B, a.shape[1], x.device))
         if u is not None:
-            qu, ku, vu = self.und.attention_inputs(u, need_queries=not last)
-            q, k, v = q + [qu], k + [ku], v + [vu]
+            qk_u, vu = self.und.attention_inputs(u, need_queries=not last)
+            qk, v = qk + [qk_u], v + [vu]
             cu.append(cu_und)
-        out = joint_attention(q, k, v, cu)
+        normed = qk_norm_rope(qk, self.video.cfg.num_heads)                 # RMSNorm (+ RoPE), all experts at once
+        # per-expert bounds of the sample lengths size the kernel grid without a device sync (und: its packed total)
+        bounds = [L_v] + ([a.shape[1]] if a is not None else []) + ([u.shape[0]] if u is not None else [])
+        out = joint_attention([rows(q) for q, _ in normed], [rows(k) for _, k in normed], v, cu,
+                              max_seqlens=bounds)
         x = self.video.finish(x, out[0].reshape(B, L_v, -1), mod_v, text, text_lens)
         if a is not None:
             a = self.action.finish(a, out[1].reshape(B, a.shape[1], -1), mod_a)
@@ -129,6 +133,12 @@ class Motus(nn.Module):
             groups[expert].append((name, p))
         return groups
 
+    def unused_parameter_names(self) -> set[str]:
+        """Parameters that cannot affect any output: the und stream has no head, so the last layer's und query
+        norm, output projection and FFN are dead (upstream too). Trainers freeze them."""
+        last = f"blocks.{len(self.blocks) - 1}.und."
+        return {n for n, _ in self.named_parameters() if n.startswith((last + "o.", last + "norm_q.", last + "ffn."))}
+
     def param_counts(self) -> dict[str, int]:
         return {k: sum(p.numel() for _, p in v) for k, v in self.expert_parameters().items()}
 
@@ -141,23 +151,27 @@ class Motus(nn.Module):
         return ConditionCache(text_ctx=ctx, text_kv=text_kv, und=und)
 
     def forward(self, video: Tensor, t_video: Tensor, actions: Optional[Tensor], t_action: Optional[Tensor],
-                cond: Conditioning, cache: Optional[ConditionCache] = None) -> tuple[Tensor, Optional[Tensor]]:
+                cond: Conditioning, cache: Optional[ConditionCache] = None,
+                time_emb: Optional[tuple] = None) -> tuple[Tensor, Optional[Tensor]]:
         """Velocity prediction v = noise - x0 for both streams.
 
         video: noisy latents [B, C, T, H, W] (frame 0 the clean condition); t_video: [B] or per token [B, L_v],
         0..1000; actions: noisy chunk [B, K, action_dim] (None: no action stream); t_action: [B]; cond.vlm None:
-        no und stream; cache: cache_conditioning(cond), if the caller reuses it across steps.
+        no und stream; cache: cache_conditioning(cond), if the caller reuses it across steps; time_emb:
+        ``(self.video.time(t_video), self.action.time(t_action) or None)`` precomputed for these timesteps (they
+        depend only on t: the inference engine tabulates them once per step grid), None computes them here.
         -> (video velocity [B, C, T, H, W], action velocity [B, K, action_dim] or None)
         """
         B = video.shape[0]
         grid = self.video.token_grid(video.shape)
         t_video = _per_sample(t_video, B, "t_video", allow_tokens=True)
         x = self.video.embed(video)                                            # B, L_v, Dv
-        e_video, e6_video = self.video.time(t_video)
+        e_video, e6_video = self.video.time(t_video) if time_emb is None else time_emb[0]
         a = e_action = e6_action = None
         if actions is not None:
             a = self.action.embed(actions, cond.state)                         # B, L_a, Da
-            e_action, e6_action = self.action.time(_per_sample(t_action, B, "t_action"))
+            e_action, e6_action = (self.action.time(_per_sample(t_action, B, "t_action")) if time_emb is None
+                                   else time_emb[1])
         cache = cache or self.cache_conditioning(cond, per_layer_text_kv=False)
         u, cu_und = cache.und or (None, None)                                  # T_u, Du (packed)
         cos, sin = rope_tables(grid, self.cfg.head_dim, device=x.device)

@@ -15,7 +15,7 @@ from torch import nn
 
 from motus_fast.config import UndExpertConfig
 from motus_fast.model.layers import RMSNorm, feed_forward, mlp3x_silu, split_heads
-from motus_fast.ops import layer_norm
+from motus_fast.ops import ExpertQK, gated_residual_adaln, layer_norm
 
 
 class UndLayer(nn.Module):
@@ -30,19 +30,20 @@ class UndLayer(nn.Module):
         self.ffn = feed_forward(d, cfg.ffn_dim)
 
     def attention_inputs(self, u, need_queries: bool = True):
-        """u: [T_u, dim] -> q (None unless need_queries), k, v: [T_u, H, D]"""
+        """u: [T_u, dim] -> q (None unless need_queries), k [T_u, H*D] as an ExpertQK (normalised by MotusBlock,
+        no RoPE), v: [T_u, H, D]"""
         h = layer_norm(u, self.cfg.eps)
         if not need_queries:
             k, v = F.linear(h, self.qkv.weight[self.width:]).chunk(2, dim=-1)
-            return None, split_heads(self.norm_k(k), self.num_heads), split_heads(v, self.num_heads)
+            return ExpertQK(None, k, None, self.norm_k.weight, self.cfg.eps), split_heads(v, self.num_heads)
         q, k, v = self.qkv(h).chunk(3, dim=-1)
-        q, k, v = self.norm_q(q), self.norm_k(k), v
-        return tuple(split_heads(t, self.num_heads) for t in (q, k, v))
+        qk = ExpertQK(q, k, self.norm_q.weight, self.norm_k.weight, self.cfg.eps)
+        return qk, split_heads(v, self.num_heads)
 
     def finish(self, u, attn):
         """u: [T_u, dim]; attn: [T_u, H*D] -> [T_u, dim]"""
-        u = u + self.o(attn)
-        return u + self.ffn(layer_norm(u, self.cfg.eps))
+        u, h = gated_residual_adaln(u, self.o(attn), None, None, None, self.cfg.eps)   # ungated residual + LN
+        return u + self.ffn(h)
 
 
 class UndExpert(nn.Module):

@@ -16,7 +16,7 @@ from torch import nn
 from motus_fast.config import VideoExpertConfig
 from motus_fast.model.embed import TimeEmbedding, modulation_chunks, patchify, unpatchify
 from motus_fast.model.layers import RMSNorm, feed_forward, masked_cross_attention, split_heads
-from motus_fast.ops import adaln_modulate, qk_norm_rope
+from motus_fast.ops import ExpertQK, adaln_modulate, gated_residual_adaln
 
 
 class CrossAttention(nn.Module):
@@ -58,20 +58,23 @@ class VideoLayer(nn.Module):
 
     def attention_inputs(self, x, e6, rope):
         """x: [B, L, dim]; e6: [B, 6, dim] or [B, L, 6, dim]; rope: (cos, sin) [L, D/2]
-        -> q, k, v: [B, L, H, D] and the 6 modulation chunks."""
+        -> q, k [B, L, H*D] as an ExpertQK (MotusBlock normalises and rotates the q/k of all experts in one
+        qk_norm_rope call), v: [B, L, H, D], and the 6 modulation chunks."""
         mod = modulation_chunks(self.modulation, e6)
         h = adaln_modulate(x, mod[0], mod[1], self.cfg.eps)
         q, k, v = self.qkv(h).chunk(3, dim=-1)
-        q, k = qk_norm_rope(q, k, self.norm_q.weight, self.norm_k.weight, self.cfg.eps, self.cfg.num_heads, rope)
-        return q, k, split_heads(v, self.cfg.num_heads), mod
+        qk = ExpertQK(q, k, self.norm_q.weight, self.norm_k.weight, self.cfg.eps, rope)
+        return qk, split_heads(v, self.cfg.num_heads), mod
 
     def finish(self, x, attn, mod, text, text_lens=None):
         """x: [B, L, dim]; attn: joint attention output [B, L, H*D]; text: embedded context [B, L_t, dim] or its
         cached (k, v) -> layer output [B, L, dim]."""
         x = x + self.o(attn) * mod[2]
         kv = text if isinstance(text, tuple) else self.cross_attn.context_kv(text)
-        x = x + self.cross_attn(self.cross_norm(x), kv, text_lens)
-        return x + self.ffn(adaln_modulate(x, mod[3], mod[4], self.cfg.eps)) * mod[5]
+        # ungated cross-attention residual fused with the FFN's AdaLN
+        x, h = gated_residual_adaln(x, self.cross_attn(self.cross_norm(x), kv, text_lens), None, mod[3], mod[4],
+                                    self.cfg.eps)
+        return x + self.ffn(h) * mod[5]
 
 
 class VideoExpert(nn.Module):

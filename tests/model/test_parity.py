@@ -3,17 +3,20 @@
 import pytest
 import torch
 
-from conftest import assert_close_to_fixture
+from fixture_utils import assert_close_to_fixture
 from motus_fast.config import PRESETS
 from motus_fast.flow import FlowBatch, FlowDraws, sample, sampling_grid, training_loss, training_sigmas
 from motus_fast.model import Conditioning
 from motus_fast.weights.upstream import config_from_upstream_json
 
-BACKENDS = ["reference"]
+BACKENDS = ["reference", "triton"]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
+    from motus_fast.ops.availability import triton_runs_on
+    if request.param == "triton" and not triton_runs_on(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
+        pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
     monkeypatch.setenv("MOTUS_BACKEND", request.param)
     return request.param
 

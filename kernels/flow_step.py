@@ -1,0 +1,196 @@
+"""Triton kernels of the rectified-flow step (DESIGN.md section 5.4): memory-bound, so one pass and one launch each.
+
+Latents are viewed as [B, C, T, S] (S = H*W; actions are [B, 1, 1, K*A]); programs work on blocks of one sample
+(offsets within a sample are int32), element i of a sample is in frame (i // S) % T. Frames t < `clean_frames` are
+the clean condition frames.
+
+- noise_and_target: x_t = (1 - sigma_b) x0 + sigma_b noise (x0 itself on clean frames), v = noise - x0.
+- masked MSE: per-sample sums of (pred - target)^2 over the non-clean frames into fp32 partials [B, programs]
+  (the caller reduces them), and its backward d_pred = g * 2 (pred - target) * coef_b (0 on clean frames).
+- euler_step: x + dt_b * v (v = v_u + guidance (v_c - v_u) with CFG) for up to two streams (video, action) in one
+  launch; frames t < Tc of a stream with a condition are overwritten by the condition [B, C, Tc, S].
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def noise_and_target_kernel(X0, NOISE, SIGMA, XT, V, per_sample, T, S, clean_frames, BLOCK: tl.constexpr):
+    """grid (blocks per sample, B): element offsets within a sample stay int32; sigma is one scalar load."""
+    b = tl.program_id(1)
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < per_sample
+    base = b.to(tl.int64) * per_sample
+    x0 = tl.load(X0 + base + i, mask=mask, other=0.0).to(tl.float32)
+    eps = tl.load(NOISE + base + i, mask=mask, other=0.0).to(tl.float32)
+    s = tl.where((i // S) % T < clean_frames, 0.0, tl.load(SIGMA + b).to(tl.float32))
+    tl.store(XT + base + i, ((1.0 - s) * x0 + s * eps).to(XT.dtype.element_ty), mask=mask)
+    tl.store(V + base + i, (eps - x0).to(V.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def masked_sq_err_kernel(PRED, TARGET, PARTIAL, per_sample, chunk, T, S, skip_frames, num_progs,
+                         BLOCK: tl.constexpr):
+    """PARTIAL[b, p] = sum over elements [p*chunk, (p+1)*chunk) of sample b of (pred - target)^2 (fp32)."""
+    p, b = tl.program_id(0), tl.program_id(1)
+    base = b.to(tl.int64) * per_sample
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    lo = p * chunk
+    for start in range(0, chunk, BLOCK):
+        i = lo + start + tl.arange(0, BLOCK)
+        mask = (i < lo + chunk) & (i < per_sample) & ((i // S) % T >= skip_frames)
+        d = (tl.load(PRED + base + i, mask=mask, other=0.0).to(tl.float32)
+             - tl.load(TARGET + base + i, mask=mask, other=0.0).to(tl.float32))
+        acc += d * d
+    tl.store(PARTIAL + b * num_progs + p, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def masked_sq_err_bwd_kernel(PRED, TARGET, COEF, GRAD, DPRED, per_sample, T, S, skip_frames, BLOCK: tl.constexpr):
+    """grid (blocks per sample, B): d_pred = grad * coef_b * 2 (pred - target), 0 on skipped frames."""
+    b = tl.program_id(1)
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < per_sample
+    base = b.to(tl.int64) * per_sample
+    d = (tl.load(PRED + base + i, mask=mask, other=0.0).to(tl.float32)
+         - tl.load(TARGET + base + i, mask=mask, other=0.0).to(tl.float32))
+    c = tl.load(COEF + b) * tl.load(GRAD).to(tl.float32)
+    g = tl.where((i // S) % T >= skip_frames, 2.0 * c * d, 0.0)
+    tl.store(DPRED + base + i, g.to(DPRED.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _euler_stream(X, Vc, Vu, COND, OUT, DT, dt_stride, guidance, prog, per_sample, T, S, Tc,
+                  HAS_CFG: tl.constexpr, HAS_COND: tl.constexpr, BLOCK: tl.constexpr):
+    """Program `prog` of this stream: block prog % blocks of sample prog // blocks (int32 offsets in a sample)."""
+    blocks = tl.cdiv(per_sample, BLOCK)
+    b = prog // blocks
+    i = (prog % blocks) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < per_sample
+    base = b.to(tl.int64) * per_sample
+    x = tl.load(X + base + i, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(Vc + base + i, mask=mask, other=0.0).to(tl.float32)
+    if HAS_CFG:
+        vu = tl.load(Vu + base + i, mask=mask, other=0.0).to(tl.float32)
+        v = vu + guidance * (v - vu)
+    x = x + tl.load(DT + b * dt_stride).to(tl.float32) * v
+    if HAS_COND:
+        f = (i // S) % T
+        clean = mask & (f < Tc)
+        # condition [B, C, Tc, S]: channel i // (T*S), frame f, position i % S
+        c_off = b.to(tl.int64) * (per_sample // T) * Tc + ((i // (T * S)) * Tc + f) * S + i % S
+        x = tl.where(clean, tl.load(COND + c_off, mask=clean, other=0.0).to(tl.float32), x)
+    tl.store(OUT + base + i, x.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def euler_step_kernel(
+    X0, V0, VU0, COND0, OUT0, per_sample0, T0, S0, Tc0,
+    X1, V1, VU1, COND1, OUT1, per_sample1, T1, S1, Tc1,
+    DT, dt_stride, guidance, start1,
+    NUM_STREAMS: tl.constexpr, HAS_CFG: tl.constexpr, HAS_COND0: tl.constexpr, HAS_COND1: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """1-D grid: the programs of stream 0 (B x blocks per sample), then those of stream 1."""
+    pid = tl.program_id(0)
+    if pid < start1:
+        _euler_stream(X0, V0, VU0, COND0, OUT0, DT, dt_stride, guidance, pid, per_sample0, T0, S0, Tc0,
+                      HAS_CFG, HAS_COND0, BLOCK)
+    else:
+        if NUM_STREAMS > 1:
+            _euler_stream(X1, V1, VU1, COND1, OUT1, DT, dt_stride, guidance, pid - start1, per_sample1, T1, S1,
+                          Tc1, HAS_CFG, HAS_COND1, BLOCK)
+
+
+# ---- launchers ---------------------------------------------------------------------------------------------
+BLOCK = 1024
+MAX_STREAMS = 2
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def noise_and_target(x0, noise, sigma, x_t, v, per_sample: int, T: int, S: int, clean_frames: int):
+    B = x0.shape[0]
+    if B and per_sample:
+        noise_and_target_kernel[(_cdiv(per_sample, BLOCK), B)](x0, noise, sigma, x_t, v, per_sample, T, S,
+                                                               clean_frames, BLOCK=BLOCK, num_warps=4)
+
+
+def masked_sq_err(pred, target, partial, per_sample: int, T: int, S: int, skip_frames: int):
+    """partial: fp32 [B, P]; each of the P programs of a sample sums a contiguous chunk of it."""
+    B, P = partial.shape
+    if B and P:
+        chunk = _cdiv(_cdiv(per_sample, P), BLOCK) * BLOCK
+        masked_sq_err_kernel[(P, B)](pred, target, partial, per_sample, chunk, T, S, skip_frames, P,
+                                     BLOCK=BLOCK, num_warps=4)
+
+
+def masked_sq_err_backward(pred, target, coef, grad, d_pred, per_sample: int, T: int, S: int, skip_frames: int):
+    B = pred.shape[0]
+    if B and per_sample:
+        masked_sq_err_bwd_kernel[(_cdiv(per_sample, BLOCK), B)](pred, target, coef, grad, d_pred, per_sample, T, S,
+                                                                skip_frames, BLOCK=BLOCK, num_warps=4)
+
+
+def euler_step(streams, dt, dt_stride: int, guidance: float):
+    """streams: up to two dicts(x, v, v_uncond, cond, out, per_sample, T, S, Tc), contiguous tensors."""
+    if len(streams) > MAX_STREAMS:
+        raise ValueError(f"euler_step takes at most {MAX_STREAMS} streams in one launch, got {len(streams)}")
+    progs = [s["x"].shape[0] * _cdiv(s["per_sample"], BLOCK) for s in streams]
+    if sum(progs) == 0:
+        return
+    has_cfg = streams[0]["v_uncond"] is not None
+    args = []
+    for s in list(streams) + [None] * (MAX_STREAMS - len(streams)):
+        if s is None:
+            d = streams[0]["x"]
+            args += [d, d, d, d, d, 1, 1, 1, 0]
+            continue
+        args += [s["x"], s["v"], s["v_uncond"] if has_cfg else s["v"], s["cond"] if s["cond"] is not None else s["x"],
+                 s["out"], s["per_sample"], s["T"], s["S"], s["Tc"]]
+    euler_step_kernel[(sum(progs),)](
+        *args, dt, dt_stride, guidance, progs[0],
+        NUM_STREAMS=len(streams), HAS_CFG=has_cfg,
+        HAS_COND0=streams[0]["cond"] is not None, HAS_COND1=len(streams) > 1 and streams[1]["cond"] is not None,
+        BLOCK=BLOCK, num_warps=4)
+
+
+# ---- sm_90 compile targets (tests/kernels/test_compile_fused.py) --------------------------------------------------
+def compile_targets(dtypes=("bf16", "fp32")):
+    """Every kernel as launched on a GPU, as compile_report kwargs; euler_step with both streams (video with its
+    condition frame, actions) with and without CFG, and the action stream alone."""
+    for dt in dtypes:
+        yield dict(name=f"noise_and_target {dt}", fn=noise_and_target_kernel,
+                   **_signature(noise_and_target_kernel, dt, dict(BLOCK=BLOCK)), num_warps=4, num_stages=1)
+        yield dict(name=f"masked_sq_err {dt}", fn=masked_sq_err_kernel,
+                   **_signature(masked_sq_err_kernel, dt, dict(BLOCK=BLOCK)), num_warps=4, num_stages=1)
+        yield dict(name=f"masked_sq_err_bwd {dt}", fn=masked_sq_err_bwd_kernel,
+                   **_signature(masked_sq_err_bwd_kernel, dt, dict(BLOCK=BLOCK)), num_warps=4, num_stages=1)
+        for streams, cfg, cond0 in ((2, False, True), (2, True, True), (1, False, False)):
+            consts = dict(NUM_STREAMS=streams, HAS_CFG=cfg, HAS_COND0=cond0, HAS_COND1=False, BLOCK=BLOCK)
+            yield dict(name=f"euler_step {dt} streams={streams} cfg={cfg} cond={cond0}", fn=euler_step_kernel,
+                       **_signature(euler_step_kernel, dt, consts), num_warps=4, num_stages=1)
+
+
+def _signature(fn, dt: str, consts: dict) -> dict:
+    """ASTSource signature: tensors are pointers (sigma / loss coefficients / partials fp32), guidance fp32,
+    the rest i32."""
+    signature, attrs = {}, {}
+    fp32_pointers = ("SIGMA", "PARTIAL", "COEF", "GRAD")
+    for i, name in enumerate(fn.arg_names):
+        stem = name.rstrip("0123456789")
+        if name in consts:
+            signature[name] = "constexpr"
+        elif stem.isupper() and stem not in ("T", "S"):
+            signature[name] = "*fp32" if stem in fp32_pointers else f"*{dt}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif stem == "guidance":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return dict(signature=signature, constexprs=dict(consts), attrs=attrs)

@@ -1,0 +1,88 @@
+"""Which op implementations can run for given tensors: Triton kernels and the optional CUDA C++ extension.
+
+The CUDA C++ ops (csrc/) are one shared library, ``motus_fast/_cuda_ops*.so``, built by ``setup.py`` (when torch
+has CUDA) or by ``CMakeLists.txt`` (``cmake --install`` puts it into the package). Loading it registers the
+``torch.ops.motus_fast_cuda`` namespace. It is optional: when it is absent the ops use Triton or the reference and
+``motus_fast.backend.choose`` logs that choice; when it is present but fails to load we raise, never hide it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from motus_fast.kernels import interpreting, triton_available
+
+CUDA_OPS_MODULE = "motus_fast._cuda_ops"
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Triton kernels run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1."""
+    if not triton_available():
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+@functools.lru_cache(maxsize=None)
+def installed_cuda_ops() -> Optional[str]:
+    """Load the installed CUDA C++ extension once; its path, or None if it is not built (or torch has no CUDA)."""
+    if not torch.cuda.is_available():
+        return None
+    spec = importlib.util.find_spec(CUDA_OPS_MODULE)
+    if spec is None or spec.origin is None:
+        return None
+    torch.ops.load_library(spec.origin)   # raises with the loader's message if the build is broken
+    return str(Path(spec.origin))
+
+
+def cuda_ops_loaded() -> bool:
+    """Are the torch.ops.motus_fast_cuda ops registered (the installed extension, or a library loaded by hand,
+    e.g. a JIT build)? Registers their fake implementations the first time."""
+    installed_cuda_ops()
+    try:
+        torch.ops.motus_fast_cuda.adaln_modulate.default
+    except (AttributeError, RuntimeError):
+        return False
+    _register_fakes()
+    return True
+
+
+def cuda_ops_run_on(device: torch.device) -> bool:
+    return device.type == "cuda" and cuda_ops_loaded()
+
+
+@functools.lru_cache(maxsize=None)
+def _register_fakes() -> None:
+    """Shape functions of the CUDA ops, so torch.compile and CUDA-graph capture trace through them."""
+    lib = "motus_fast_cuda"
+
+    @torch.library.register_fake(f"{lib}::adaln_modulate")
+    def _(x, shift, scale, eps, rms):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake(f"{lib}::gated_residual_adaln")
+    def _(x, y, gate, shift, scale, eps, rms):
+        return x.new_empty(x.shape), x.new_empty(x.shape)
+
+    @torch.library.register_fake(f"{lib}::euler_step")
+    def _(xs, vs, dt, conds, vs_uncond, guidance):
+        return [x.new_empty(x.shape) for x in xs]
+
+
+def launch_budget(device: torch.device, reduction: bool) -> tuple[int, int]:
+    """(max programs, elements per tile) for the row kernels. On a GPU: one tile per program (the most rows in
+    flight) unless the kernel reduces across rows (`reduction`: a few programs per SM, each writing one partial),
+    and tiles of ~4k elements. In the interpreter, which runs programs one by one and each tile op once: few
+    programs, big tiles."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return (4 * sms if reduction else 1 << 30), 4096
+    return 8, 1 << 15
