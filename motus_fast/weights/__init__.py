@@ -1,6 +1,9 @@
-"""Checkpoint I/O: our format (native) and converters from other formats (upstream Motus, ...)."""
+"""Checkpoint I/O: our format (native) and converters from other formats (upstream Motus, Wan2.2, ...); the frozen
+backbones (Qwen3-VL, umT5, Wan VAE) load through ``motus_fast.weights.backbones`` (needs ``motus_fast[backbones]``)."""
 
+from motus_fast.weights.mapping import CheckpointError
 from motus_fast.weights.native import load_pretrained, save_pretrained
-from motus_fast.weights.upstream import CheckpointError, load_upstream
+from motus_fast.weights.upstream import load_upstream
+from motus_fast.weights.wan import load_wan_video, locate_wan
 
-__all__ = ["CheckpointError", "load_pretrained", "load_upstream", "save_pretrained"]
+__all__ = ["CheckpointError", "load_pretrained", "load_upstream", "load_wan_video", "locate_wan", "save_pretrained"]

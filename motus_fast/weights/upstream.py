@@ -17,13 +17,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from motus_fast.config import ActionExpertConfig, MotusConfig, UndExpertConfig, VideoExpertConfig
+from motus_fast.weights.mapping import CheckpointError, Rule, convert, report
+from motus_fast.weights.mapping import linear_rules as _linear
+from motus_fast.weights.mapping import mlp_rules as _mlp
+from motus_fast.weights.sources import DictSource
+from motus_fast.weights.wan import original_rules
 
 log = logging.getLogger("motus_fast")
 
@@ -37,10 +41,6 @@ ALIASES = {  # alias prefix -> owner prefix
     "und_module.und_expert.": "und_expert.",
 }
 VLM_PREFIXES = ("vlm_model.", "und_module.vlm_model.", "action_module.vlm_model.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not match the model: the message names every offending key or file."""
 
 
 # ---- reading files ---------------------------------------------------------------------------------------
@@ -103,30 +103,9 @@ def canonical_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 # ---- the key map -----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Rule:
-    ours: str
-    sources: tuple[str, ...]
-    kind: str = "copy"  # copy | cat | heads (raw [3,N,D,hd]) | patch (Conv3d -> Linear)
-
-
-def _linear(ours: str, theirs: str, bias: bool = True) -> list[Rule]:
-    rules = [Rule(f"{ours}.weight", (f"{theirs}.weight",))]
-    return rules + [Rule(f"{ours}.bias", (f"{theirs}.bias",))] if bias else rules
-
-
-def _mlp(ours: str, theirs: str, idx=(0, 2, 4)) -> list[Rule]:
-    return [r for i in idx for r in _linear(f"{ours}.{i}", f"{theirs}.{i}")]
-
-
 def key_map(cfg: MotusConfig) -> list[Rule]:
     """Every parameter/buffer of our model and the upstream key(s) it comes from."""
-    V = VIDEO
-    R = [Rule("video.patch_embed.weight", (f"{V}patch_embedding.weight",), "patch"),
-         Rule("video.patch_embed.bias", (f"{V}patch_embedding.bias",))]
-    R += _mlp("video.text_embed", f"{V}text_embedding", (0, 2)) + _mlp("video.time.embed", f"{V}time_embedding", (0, 2))
-    R += _linear("video.time.project.1", f"{V}time_projection.1")
-    R += [Rule("video.head_modulation", (f"{V}head.modulation",))] + _linear("video.head", f"{V}head.head")
+    R = original_rules(cfg.num_layers, VIDEO)   # the video expert is a Wan2.2 model under its original key names
     A = ACTION
     if cfg.action.layout == "finetune":
         R += [Rule("action.registers", (f"{A}registers",))] + \
@@ -138,20 +117,10 @@ def key_map(cfg: MotusConfig) -> list[Rule]:
         _linear("action.head", f"{A}decoder.action_head.0")
     R += _mlp("und.adapter", f"{UND}vlm_adapter")
     for i in range(cfg.num_layers):
-        b, v, a, u = f"blocks.{i}", f"{V}blocks.{i}", f"{A}blocks.{i}", f"{UND}blocks.{i}"
-        R += [Rule(f"{b}.video.modulation", (f"{v}.modulation",))]
-        for wb in ("weight", "bias"):
-            R += [Rule(f"{b}.video.qkv.{wb}", tuple(f"{v}.self_attn.{n}.{wb}" for n in "qkv"), "cat"),
-                  Rule(f"{b}.video.cross_attn.kv.{wb}", tuple(f"{v}.cross_attn.{n}.{wb}" for n in "kv"), "cat")]
-        R += _linear(f"{b}.video.o", f"{v}.self_attn.o") + _linear(f"{b}.video.cross_norm", f"{v}.norm3")
-        R += _linear(f"{b}.video.cross_attn.q", f"{v}.cross_attn.q") + _linear(f"{b}.video.cross_attn.o",
-                                                                                f"{v}.cross_attn.o")
+        b, a, u = f"blocks.{i}", f"{A}blocks.{i}", f"{UND}blocks.{i}"
         for n in ("q", "k"):
-            R += [Rule(f"{b}.video.norm_{n}.weight", (f"{v}.self_attn.norm_{n}.weight",)),
-                  Rule(f"{b}.video.cross_attn.norm_{n}.weight", (f"{v}.cross_attn.norm_{n}.weight",)),
-                  Rule(f"{b}.action.norm_{n}.weight", (f"{a}.wan_action_norm_{n}.weight",)),
+            R += [Rule(f"{b}.action.norm_{n}.weight", (f"{a}.wan_action_norm_{n}.weight",)),
                   Rule(f"{b}.und.norm_{n}.weight", (f"{u}.wan_und_norm_{n}.weight",))]
-        R += _mlp(f"{b}.video.ffn", f"{v}.ffn", (0, 2))
         R += [Rule(f"{b}.action.modulation", (f"{a}.modulation",)),
               Rule(f"{b}.action.qkv.weight", (f"{a}.wan_action_qkv",), "heads"),
               Rule(f"{b}.action.o.weight", (f"{a}.wan_action_o.weight",))] + _mlp(f"{b}.action.ffn", f"{a}.ffn", (0, 2))
@@ -160,67 +129,16 @@ def key_map(cfg: MotusConfig) -> list[Rule]:
     return R
 
 
-def _source_shapes(rule: Rule, shape: tuple[int, ...], cfg: MotusConfig) -> list[tuple[int, ...]]:
-    if rule.kind == "copy":
-        return [shape]
-    if rule.kind == "cat":
-        n = len(rule.sources)
-        return [(shape[0] // n,) + tuple(shape[1:])] * n
-    if rule.kind == "heads":
-        return [(3, cfg.num_heads, shape[1], cfg.head_dim)]
-    if rule.kind == "patch":
-        return [(shape[0], cfg.video.in_channels) + tuple(cfg.video.patch_size)]
-    raise AssertionError(rule.kind)
-
-
-def _apply(rule: Rule, tensors: list[torch.Tensor]) -> torch.Tensor:
-    if rule.kind == "copy":
-        return tensors[0]
-    if rule.kind == "cat":
-        return torch.cat(tensors, dim=0)
-    if rule.kind == "heads":                    # q[..., n, e] = sum_d x[d] W[i, n, d, e]  ->  Linear row i*N*hd + n*hd + e
-        w = tensors[0]
-        return w.permute(0, 1, 3, 2).reshape(-1, w.shape[2])
-    if rule.kind == "patch":
-        return tensors[0].reshape(tensors[0].shape[0], -1)
-    raise AssertionError(rule.kind)
-
-
 def convert_state_dict(sd: dict[str, torch.Tensor], cfg: MotusConfig,
                        expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
     """Map a canonical upstream state dict onto our keys. `expected`: our state dict's shapes. Strict."""
-    rules = key_map(cfg)
-    missing_ours = sorted(set(expected) - {r.ours for r in rules})
-    assert not missing_ours, f"key map does not cover {missing_ours[:5]}"  # a bug in this file, not in the input
-    out, used, missing, misshaped = {}, set(), [], []
-    for rule in rules:
-        want = _source_shapes(rule, tuple(expected[rule.ours]), cfg)
-        srcs = []
-        for key, shape in zip(rule.sources, want):
-            if key not in sd:
-                missing.append(key)
-                continue
-            used.add(key)
-            if tuple(sd[key].shape) != shape:
-                misshaped.append(f"{key}: checkpoint {list(sd[key].shape)}, model expects {list(shape)}")
-            srcs.append(sd[key])
-        if len(srcs) == len(rule.sources) and not misshaped:
-            out[rule.ours] = _apply(rule, srcs)
-    unexpected = sorted(set(sd) - used)
-    if missing or unexpected or misshaped:
-        raise CheckpointError(_report(missing, unexpected, misshaped))
-    return out
+    return convert(DictSource(sd, "upstream checkpoint"), key_map(cfg), expected, cfg,
+                   header="upstream checkpoint does not match the model configuration:")
 
 
 def _report(missing, unexpected, misshaped, limit: int = 20) -> str:
-    lines = ["upstream checkpoint does not match the model configuration:"]
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-        if items:
-            lines.append(f"  {len(items)} {title} key(s):")
-            lines += [f"    {k}" for k in items[:limit]]
-            if len(items) > limit:
-                lines.append(f"    ... and {len(items) - limit} more")
-    return "\n".join(lines)
+    return report(missing, unexpected, misshaped, "upstream checkpoint does not match the model configuration:",
+                  limit)
 
 
 # ---- configuration ---------------------------------------------------------------------------------------
