@@ -26,3 +26,22 @@ def synthetic_batch(cfg: MotusConfig, batch: int = 2, latent_frames: int = 3, la
                         state=state)
     return FlowBatch(video=randn(batch, v.in_channels, latent_frames, H, W),
                      actions=randn(batch, a.chunk_size, a.action_dim), cond=cond)
+
+
+class SyntheticDataset(torch.utils.data.Dataset):
+    """A map-style dataset of `size` synthetic samples; sample i is the same on every call and every process
+    (drawn from a generator seeded by (seed, i)), so training on it is reproducible and resumable."""
+
+    def __init__(self, cfg: MotusConfig, size: int = 64, seed: int = 0, latent_frames: int = 3,
+                 latent_hw: tuple[int, int] = (12, 8), text_len: int = 8, vlm_len: int = 6):
+        self.cfg, self.size, self.seed = cfg, size, seed
+        self.shape = dict(latent_frames=latent_frames, latent_hw=latent_hw, text_len=text_len, vlm_len=vlm_len)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> FlowBatch:
+        if not 0 <= i < self.size:
+            raise IndexError(i)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        return synthetic_batch(self.cfg, batch=1, generator=g, **self.shape)
