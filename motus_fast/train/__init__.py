@@ -1,0 +1,1 @@
+"""Training: torchrun + FSDP2, the three Motus stages, sharded checkpoints with exact resume."""
