@@ -18,7 +18,6 @@ On a CPU the same code runs tiny fp32 shapes (our kernels under TRITON_INTERPRET
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")        # read when the Triton kernels are imported
 
-from bench.common import device_info, time_fn, write_results  # noqa: E402
+from bench.common import backend, device_info, time_fn, write_results  # noqa: E402
 from motus_fast.ops.joint_attention import joint_attention, varlen_attention  # noqa: E402
 
 PREFIX_CACHE_MASK = [[True, True, True], [True, True, True], [False, False, True]]   # und sees only und
@@ -60,19 +59,6 @@ def peak_tflops() -> Optional[float]:
         if all(part in name for part in key.split()):
             return peak
     return None
-
-
-@contextlib.contextmanager
-def backend(name: str):
-    old = os.environ.get("MOTUS_BACKEND")
-    os.environ["MOTUS_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["MOTUS_BACKEND"]
-        else:
-            os.environ["MOTUS_BACKEND"] = old
 
 
 # ---- problem ------------------------------------------------------------------------------------------------------

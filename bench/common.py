@@ -6,7 +6,9 @@ says so.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import statistics
 import time
@@ -88,3 +90,17 @@ def write_results(name: str, rows: list[dict], columns: list[str], notes: str = 
     if notes:
         print(notes)
     return stem.with_suffix(".json"), stem.with_suffix(".md")
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Run a block with MOTUS_BACKEND=name."""
+    old = os.environ.get("MOTUS_BACKEND")
+    os.environ["MOTUS_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MOTUS_BACKEND"]
+        else:
+            os.environ["MOTUS_BACKEND"] = old

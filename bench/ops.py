@@ -37,7 +37,7 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")        # read when the Triton kernels are imported
 
-from bench.common import device_info, time_fn, write_results  # noqa: E402
+from bench.common import backend, device_info, time_fn, write_results  # noqa: E402
 from motus_fast.config import get_preset  # noqa: E402
 from motus_fast.model import Conditioning, Motus  # noqa: E402
 from motus_fast.model.rope import rope_tables  # noqa: E402
@@ -48,19 +48,6 @@ from motus_fast.ops.availability import cuda_ops_loaded  # noqa: E402
 # HBM peak (bytes/s) by device name, most specific first; used when the device does not report its memory clock
 PEAK_HBM = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "GH200": 4.0e12,
             "A100-SXM4-80GB": 2.04e12, "A100": 1.56e12}
-
-
-@contextlib.contextmanager
-def backend(name: str):
-    old = os.environ.get("MOTUS_BACKEND")
-    os.environ["MOTUS_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["MOTUS_BACKEND"]
-        else:
-            os.environ["MOTUS_BACKEND"] = old
 
 
 def peak_bandwidth() -> Optional[float]:

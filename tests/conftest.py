@@ -15,6 +15,24 @@ FIXTURES = Path(os.environ.get("MOTUS_FIXTURES", REPO.parent / "shared" / "fixtu
 TINY = FIXTURES / "upstream_motus_tiny"
 
 
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("MOTUS_BACKEND", "triton")
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Every float tensor the ops allocate with torch.empty* starts as NaN."""
+    def poison(fn):
+        def wrapped(*args, **kwargs):
+            t = fn(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return wrapped
+    monkeypatch.setattr(torch, "empty", poison(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poison(torch.empty_like))
+    monkeypatch.setattr(torch.Tensor, "new_empty", poison(torch.Tensor.new_empty))
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from motus_fast import backend as backend_mod
+from kernel_checks import assert_fa_rule
 
 REPO = Path(__file__).resolve().parents[2]
 CSRC = REPO / "csrc"
@@ -119,19 +120,6 @@ def test_cmake_builds_installs_and_registers_the_ops(tmp_path):
 
 
 # ---- GPU: the kernels against the reference --------------------------------------------------------------------------
-def assert_fa_rule(name, got, want, same_dtype, factor=2):
-    """max|got - want| <= factor * max|same_dtype - want| + one ulp at want's scale; want in fp64."""
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert got.dtype == same_dtype.dtype
-    if got.numel() == 0:
-        return
-    assert not torch.isnan(got).any(), f"{name}: NaN"
-    got, want, same = got.double().cpu(), want.double().cpu(), same_dtype.double().cpu()
-    err, ref_err = (got - want).abs().max().item(), (same - want).abs().max().item()
-    floor = torch.finfo(same_dtype.dtype).eps * max(want.abs().max().item(), 1e-30)
-    assert err <= factor * ref_err + floor, f"{name}: error {err:.3e} > {factor} x {ref_err:.3e} + {floor:.1e}"
-
-
 @pytest.fixture(scope="module")
 def cuda_ops():
     """The installed extension, or a JIT build of csrc/ (registers the same torch.ops.motus_fast_cuda ops)."""

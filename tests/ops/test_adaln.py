@@ -7,54 +7,19 @@ allocated NaN-filled so an element the kernel does not write fails.
 """
 
 import logging
-import os
 
 import pytest
 import torch
+from kernel_checks import DEVICE, assert_fa_rule, interpreted  # noqa: F401
 
 from motus_fast import backend as backend_mod
 from motus_fast.ops.adaln import (adaln_modulate, adaln_modulate_reference, gated_residual_adaln,
                                   gated_residual_adaln_reference, layer_norm)
 
-interpreted = pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="Triton kernels run on CPU only under TRITON_INTERPRET=1")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 WIDTHS = [3072, 1024, 512, 96, 123]
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("MOTUS_BACKEND", "triton")
-
-
-@pytest.fixture
-def poisoned_outputs(monkeypatch):
-    """Every float tensor the ops allocate with torch.empty* starts as NaN."""
-    def poison(fn):
-        def wrapped(*args, **kwargs):
-            t = fn(*args, **kwargs)
-            return t.fill_(float("nan")) if t.is_floating_point() else t
-        return wrapped
-    monkeypatch.setattr(torch, "empty", poison(torch.empty))
-    monkeypatch.setattr(torch, "empty_like", poison(torch.empty_like))
-    monkeypatch.setattr(torch.Tensor, "new_empty", poison(torch.Tensor.new_empty))
-
-
-def assert_fa_rule(name, got, want, same_dtype, factor):
-    """max|got - want| <= factor * max|same_dtype - want| + one ulp at want's scale; want in fp64."""
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert got.dtype == same_dtype.dtype, f"{name}: dtype {got.dtype} != {same_dtype.dtype}"
-    if got.numel() == 0:
-        return
-    assert not torch.isnan(got).any(), f"{name}: NaN (unwritten or invalid elements)"
-    got, want, same = got.double(), want.double(), same_dtype.double()
-    err, ref_err = (got - want).abs().max().item(), (same - want).abs().max().item()
-    floor = torch.finfo(same_dtype.dtype).eps * max(want.abs().max().item(), 1e-30)
-    assert err <= factor * ref_err + floor, f"{name}: error {err:.3e} > {factor} x {ref_err:.3e} + {floor:.1e}"
-
-
 def draw(D, mod, dtype, seed, B=None, L=None):
     """x, y [B, L, D]; gate/shift/scale per sample [B, 1, D], per token [B, L, D] or None; upstream grads."""
     g = torch.Generator().manual_seed(seed)

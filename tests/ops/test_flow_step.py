@@ -4,52 +4,17 @@ latent shapes, per-sample sigmas/weights/dt, condition frames, action-free sampl
 NaN-filled so an element the kernel does not write fails."""
 
 import logging
-import os
 
 import pytest
 import torch
+from kernel_checks import DEVICE, assert_fa_rule, interpreted  # noqa: F401
 
 from motus_fast import backend as backend_mod
 from motus_fast.ops.flow_step import (euler_step, euler_step_reference, masked_mse, masked_mse_reference,
                                       noise_and_target, noise_and_target_reference)
 
-interpreted = pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="Triton kernels run on CPU only under TRITON_INTERPRET=1")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # video latents [B, C, T, H, W] (odd sizes) and action chunks [B, K, A]
 SHAPES = [(2, 5, 3, 7, 3), (3, 4, 2, 5, 5), (1, 48, 3, 12, 8), (2, 16, 14), (3, 5, 7)]
-
-
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("MOTUS_BACKEND", "triton")
-
-
-@pytest.fixture
-def poisoned_outputs(monkeypatch):
-    """Every float tensor the ops allocate with torch.empty* starts as NaN."""
-    def poison(fn):
-        def wrapped(*args, **kwargs):
-            t = fn(*args, **kwargs)
-            return t.fill_(float("nan")) if t.is_floating_point() else t
-        return wrapped
-    monkeypatch.setattr(torch, "empty", poison(torch.empty))
-    monkeypatch.setattr(torch, "empty_like", poison(torch.empty_like))
-    monkeypatch.setattr(torch.Tensor, "new_empty", poison(torch.Tensor.new_empty))
-
-
-def assert_fa_rule(name, got, want, same_dtype, factor):
-    """max|got - want| <= factor * max|same_dtype - want| + one ulp at want's scale; want in fp64."""
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert got.dtype == same_dtype.dtype, f"{name}: dtype {got.dtype} != {same_dtype.dtype}"
-    if got.numel() == 0:
-        return
-    assert not torch.isnan(got).any(), f"{name}: NaN (unwritten or invalid elements)"
-    got, want, same = got.double().cpu(), want.double().cpu(), same_dtype.double().cpu()
-    err, ref_err = (got - want).abs().max().item(), (same - want).abs().max().item()
-    floor = torch.finfo(same_dtype.dtype).eps * max(want.abs().max().item(), 1e-30)
-    assert err <= factor * ref_err + floor, f"{name}: error {err:.3e} > {factor} x {ref_err:.3e} + {floor:.1e}"
 
 
 def rand(g, *shape):

@@ -4,51 +4,17 @@ one ulp). Experts come as strided chunks of a fused qkv projection, with differe
 keys-only expert, per-expert eps, and the video expert's 3-D RoPE; outputs are allocated NaN-filled."""
 
 import logging
-import os
 
 import pytest
 import torch
+from kernel_checks import DEVICE, assert_fa_rule, interpreted  # noqa: F401
 
 from motus_fast import backend as backend_mod
 from motus_fast.model.rope import rope_tables
 from motus_fast.ops.qk_norm_rope import ExpertQK, qk_norm_rope, qk_norm_rope_reference, rms_norm, rms_norm_reference
 
-interpreted = pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="Triton kernels run on CPU only under TRITON_INTERPRET=1")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (width, heads): head_dim 128 as motus-8b; 96 = 2 x 48 (RoPE pairs 8/8/8); 123 = one odd head (no RoPE)
 WIDTHS = [(3072, 24), (1024, 8), (512, 4), (96, 2), (123, 1)]
-
-
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("MOTUS_BACKEND", "triton")
-
-
-@pytest.fixture
-def poisoned_outputs(monkeypatch):
-    """Every float tensor the ops allocate with torch.empty* starts as NaN."""
-    def poison(fn):
-        def wrapped(*args, **kwargs):
-            t = fn(*args, **kwargs)
-            return t.fill_(float("nan")) if t.is_floating_point() else t
-        return wrapped
-    monkeypatch.setattr(torch, "empty", poison(torch.empty))
-    monkeypatch.setattr(torch, "empty_like", poison(torch.empty_like))
-    monkeypatch.setattr(torch.Tensor, "new_empty", poison(torch.Tensor.new_empty))
-
-
-def assert_fa_rule(name, got, want, same_dtype, factor):
-    """max|got - want| <= factor * max|same_dtype - want| + one ulp at want's scale; want in fp64."""
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    if got.numel() == 0:
-        return
-    assert not torch.isnan(got).any(), f"{name}: NaN (unwritten or invalid elements)"
-    got, want, same = got.double().cpu(), want.double().cpu(), same_dtype.double().cpu()
-    err, ref_err = (got - want).abs().max().item(), (same - want).abs().max().item()
-    floor = torch.finfo(same_dtype.dtype).eps * max(want.abs().max().item(), 1e-30)
-    assert err <= factor * ref_err + floor, f"{name}: error {err:.3e} > {factor} x {ref_err:.3e} + {floor:.1e}"
 
 
 def make_experts(width, heads, seed, lengths=((2, 12), (2, 5), (7,)), keys_only=(2,), rope_expert=0):
