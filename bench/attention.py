@@ -282,7 +282,7 @@ def run(shapes, modes, warmup: int, iters: int, dtype) -> list[dict]:
     return rows
 
 
-def sweep(shape: Shape, warmup: int, iters: int, dtype) -> list[dict]:
+def sweep(shape: Shape, warmup: int, iters: int, dtype, kernels=("fwd", "dkdv", "dq")) -> list[dict]:
     """Time alternative tile configurations of our kernels (GPU): to retune kernels/joint_attention.py."""
     from motus_fast.kernels.joint_attention import (AttentionConfig, BlockConfig, attention_backward,
                                                      attention_forward, default_config, visibility_bits)
@@ -290,7 +290,7 @@ def sweep(shape: Shape, warmup: int, iters: int, dtype) -> list[dict]:
     p = Problem(shape, False, dtype, "cuda")
     base = default_config(shape.head_dim, dtype)
     fwd_tiles = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)]
-    dkdv_tiles = [(32, 128, 8, 3), (64, 64, 8, 2), (32, 64, 4, 3), (64, 128, 8, 2)]
+    dkdv_tiles = [(32, 64, 8, 3), (16, 128, 8, 3), (32, 128, 8, 3), (64, 64, 8, 2), (16, 64, 4, 3)]
     dq_tiles = [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)]
     bits = visibility_bits(None, 3)
     bounds = list(shape.lengths)
@@ -298,6 +298,8 @@ def sweep(shape: Shape, warmup: int, iters: int, dtype) -> list[dict]:
     out, lse = attention_forward(p.q, p.k, p.v, p.cu, p.cu, bounds, visible_bits=bits, softmax_scale=scale)
     rows = []
     for kind, tiles in (("fwd", fwd_tiles), ("dkdv", dkdv_tiles), ("dq", dq_tiles)):
+        if kind not in kernels:
+            continue
         for tile in tiles:
             blocks = BlockConfig(*tile)
             cfg = AttentionConfig(fwd=blocks if kind == "fwd" else base.fwd,
@@ -326,6 +328,8 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=10 if ON_GPU else 1)
     ap.add_argument("--iters", type=int, default=50 if ON_GPU else 3)
     ap.add_argument("--sweep", action="store_true", help="GPU: also time alternative tile configurations")
+    ap.add_argument("--sweep-only", action="store_true", help="GPU: only the tile sweep (no comparison table)")
+    ap.add_argument("--sweep-kernels", default="fwd,dkdv,dq", help="which kernels the sweep retiles")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
 
@@ -336,18 +340,22 @@ def main(argv=None) -> None:
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     info = device_info()
     print(f"bench.attention on {info.get('gpu') or 'CPU'}: {dtype}, peak {peak_tflops()} TFLOP/s (bf16 dense)")
-    rows = run(shapes, args.modes.split(","), args.warmup, args.iters, dtype)
+    if args.sweep_only:
+        args.sweep = True
+    rows = [] if args.sweep_only else run(shapes, args.modes.split(","), args.warmup, args.iters, dtype)
     columns = ["shape", "batch", "tokens", "mask", "method", "mode", "median_ms", "tflops", "pct_peak",
                "time_vs_motus", "max_err_vs_sdpa", "error"]
     notes = ("tflops: FlashAttention convention (fwd 4*pairs*H*D, fwd+bwd 3.5x). time_vs_motus > 1: the method "
              "is slower than ours. Baselines read pre-packed [video|action|und] buffers; ours reads the three "
              "expert buffers in place. prefix-cache mask: und tokens see only und tokens.")
-    write_results("attention", rows, columns, notes=notes, out_dir=args.out_dir)
+    if rows:
+        write_results("attention", rows, columns, notes=notes, out_dir=args.out_dir)
     if args.sweep:
         if not ON_GPU:
             print("--sweep needs a GPU; skipped")
         else:
-            sweep_rows = [r for s in shapes for r in sweep(s, args.warmup, args.iters, dtype)]
+            kernels = tuple(args.sweep_kernels.split(","))
+            sweep_rows = [r for s in shapes for r in sweep(s, args.warmup, args.iters, dtype, kernels)]
             write_results("attention_sweep", sweep_rows, ["shape", "kernel", "tile", "default", "median_ms", "error"],
                           out_dir=args.out_dir)
 

@@ -292,6 +292,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--launches", action="store_true", help="only count launches per denoise step")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--out-dir", default=None, help="where the result files go (default bench/results)")
     args = ap.parse_args(argv)
     device = "cuda" if ON_GPU else "cpu"
     info = device_info()
@@ -302,13 +303,13 @@ def main(argv=None):
         write_results("ops_bandwidth", rows,
                       ["shape", "op", "impl", "ms", "GB/s", "% HBM peak", "x eager", "x compile"],
                       notes=f"dtype {dtype}; bytes = minimum traffic (each input read once, each output written "
-                            f"once); device {info.get('gpu') or info.get('cpu')}")
+                            f"once); device {info.get('gpu') or info.get('cpu')}", out_dir=args.out_dir)
     rows, details = launch_rows(device)
     write_results("ops_launches", rows, ["config", "mode", "reference launches/step", "fused launches/step",
                                          "reduction", "CUDA kernels ref/fused"],
                   notes="Per denoise step (sample(steps=2) - sample(steps=1)), B=1. motus-8b: its structure "
                         "(30 layers, 3 experts, finetune layout) at reduced widths, heads and token counts; each "
-                        "count was the same at two sizes.\n\n" + details)
+                        "count was the same at two sizes.\n\n" + details, out_dir=args.out_dir)
 
 
 if __name__ == "__main__":

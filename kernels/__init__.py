@@ -12,8 +12,11 @@ import os
 import time
 
 
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None   # once: torch.compile cannot trace find_spec
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
 
 
 def interpreting() -> bool:

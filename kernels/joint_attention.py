@@ -80,7 +80,7 @@ def default_config(head_dim: int, dtype: torch.dtype) -> AttentionConfig:
     if head_dim <= 64:
         return AttentionConfig(fwd=BlockConfig(128, 64, 4, 3), dkdv=BlockConfig(32, 128, 8, 3),
                                dq=BlockConfig(128, 64, 8, 2))
-    return AttentionConfig(fwd=BlockConfig(128, 64, 8, 3), dkdv=BlockConfig(32, 128, 8, 3),
+    return AttentionConfig(fwd=BlockConfig(128, 64, 8, 3), dkdv=BlockConfig(16, 128, 8, 3),
                            dq=BlockConfig(128, 32, 8, 3))
 
 

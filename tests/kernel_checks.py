@@ -19,7 +19,7 @@ def assert_fa_rule(name, got, want, same_dtype, factor):
     if got.numel() == 0:
         return
     assert not torch.isnan(got).any(), f"{name}: NaN (unwritten or invalid elements)"
-    got, want, same = got.double(), want.double(), same_dtype.double()
+    got, want, same = (t.detach().double().cpu() for t in (got, want, same_dtype))   # the fp64 reference may be on CPU
     err, ref_err = (got - want).abs().max().item(), (same - want).abs().max().item()
     floor = torch.finfo(same_dtype.dtype).eps * max(want.abs().max().item(), 1e-30)
     assert err <= factor * ref_err + floor, f"{name}: error {err:.3e} > {factor} x {ref_err:.3e} + {floor:.1e}"

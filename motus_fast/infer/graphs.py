@@ -92,6 +92,9 @@ class DenoiseGraphs:
         """-> (a replayable CUDA graph of loop_fn(**static_inputs), its static outputs)."""
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA graphs need a CUDA device")
+        if any(t is not None and not t.is_cuda for t in tree_flatten(static_inputs)[0]):
+            # a graph captured over CPU tensors is empty: its replay would return stale outputs, silently
+            raise RuntimeError("CUDA graphs need every input on a CUDA device")
         # warm up on a side stream (lazy initialisation, cuBLAS workspaces, autotuning happen outside the graph)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

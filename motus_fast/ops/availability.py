@@ -43,6 +43,7 @@ def installed_cuda_ops() -> Optional[str]:
     return str(Path(spec.origin))
 
 
+@torch.compiler.assume_constant_result   # torch.compile runs it once at trace time (it cannot trace find_spec)
 def cuda_ops_loaded() -> bool:
     """Are the torch.ops.motus_fast_cuda ops registered (the installed extension, or a library loaded by hand,
     e.g. a JIT build)? Registers their fake implementations the first time."""
@@ -83,6 +84,10 @@ def launch_budget(device: torch.device, reduction: bool) -> tuple[int, int]:
     and tiles of ~4k elements. In the interpreter, which runs programs one by one and each tile op once: few
     programs, big tiles."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return (4 * sms if reduction else 1 << 30), 4096
+        return (4 * _sm_count() if reduction else 1 << 30), 4096
     return 8, 1 << 15
+
+
+@torch.compiler.assume_constant_result
+def _sm_count() -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count

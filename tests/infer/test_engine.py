@@ -116,7 +116,8 @@ def test_engine_checks_its_inputs(tiny_model, tiny_fixture):
 
 
 def test_graph_capture_failure_is_logged_and_runs_eagerly(caplog):
-    """On a machine without CUDA every capture fails: the key runs eagerly, the reason is logged once."""
+    """CPU inputs cannot be captured (with or without a GPU on the machine): the key runs eagerly, the reason is
+    logged once, and no replay returns stale outputs."""
     graphs = DenoiseGraphs()
     calls = []
 
@@ -129,8 +130,6 @@ def test_graph_capture_failure_is_logged_and_runs_eagerly(caplog):
         for _ in range(3):
             (out, none), replayed = graphs.run(("vla", 1), loop, inputs)
             assert torch.equal(out, torch.arange(4.0) * 2 + 1) and none is None and not replayed
-    if torch.cuda.is_available():
-        pytest.skip("this machine can capture CUDA graphs (see the gpu test)")
     warnings = [r for r in caplog.records if "CUDA graph capture failed" in r.getMessage()]
     assert len(warnings) == 1 and "('vla', 1)" in warnings[0].getMessage()
     assert ("vla", 1) in graphs.failed and len(calls) == 3

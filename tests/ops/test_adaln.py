@@ -123,7 +123,7 @@ def test_log_names_the_backend(triton_backend, monkeypatch, caplog):
     monkeypatch.setattr(backend_mod, "_logged", set())
     x, _, _, shift, scale, _, _ = draw(32, "sample", torch.float32, seed=1)
     with caplog.at_level(logging.INFO, logger="motus_fast"):
-        adaln_modulate(x, shift, scale, 1e-6)
+        adaln_modulate(x.to(DEVICE), shift.to(DEVICE), scale.to(DEVICE), 1e-6)
     assert "adaln_modulate: using the triton backend" in caplog.text
 
 
@@ -185,7 +185,7 @@ def test_bf16_motus_shapes_on_gpu(monkeypatch, backend, shape):
 def test_torch_compile_traces_the_ops(triton_backend):
     """fake impls + autograd: a compiled graph (no graph break) gives the eager values and gradients."""
     x, y, gate, shift, scale, _, _ = draw(64, "token", torch.float32, seed=3, B=2, L=5)
-    leaves = [t.float().requires_grad_() for t in (x, y, gate, shift, scale)]
+    leaves = [t.to(DEVICE, torch.float32).requires_grad_() for t in (x, y, gate, shift, scale)]
 
     def f(x, y, gate, shift, scale):
         xr, h = gated_residual_adaln(x, y, gate, shift, scale, 1e-6)

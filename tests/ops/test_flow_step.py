@@ -128,18 +128,18 @@ def test_video_and_action_streams_share_one_launch(triton_backend, monkeypatch):
     monkeypatch.setattr(K, "euler_step_kernel", Counting())
     g = torch.Generator().manual_seed(0)
     xs, vs, conds, _ = draw_streams(g, [(2, 5, 3, 7, 3), (2, 16, 14)], [1, 0], torch.float32, False)
-    f32 = lambda ts: [None if t is None else t.float() for t in ts]  # noqa: E731
-    euler_step(f32(xs), f32(vs), torch.tensor(-0.1), f32(conds))
+    f32 = lambda ts: [None if t is None else t.to(DEVICE, torch.float32) for t in ts]  # noqa: E731
+    euler_step(f32(xs), f32(vs), torch.tensor(-0.1, device=DEVICE), f32(conds))
     assert len(launches) == 1
 
 
 @interpreted
 def test_log_names_the_backend(triton_backend, monkeypatch, caplog):
     monkeypatch.setattr(backend_mod, "_logged", set())
-    x = torch.randn(2, 3, 2, 2, 2)
+    x = torch.randn(2, 3, 2, 2, 2, device=DEVICE)
     with caplog.at_level(logging.INFO, logger="motus_fast"):
-        noise_and_target(x, x, torch.rand(2), 1)
-        euler_step([x], [x], torch.tensor(-0.5), [x[:, :, :1]])
+        noise_and_target(x, x, torch.rand(2, device=DEVICE), 1)
+        euler_step([x], [x], torch.tensor(-0.5, device=DEVICE), [x[:, :, :1]])
         masked_mse(x, x, None, 1)
     for op in ("noise_and_target", "euler_step", "masked_mse"):
         assert f"{op}: using the triton backend" in caplog.text
@@ -186,12 +186,13 @@ def test_bf16_euler_step_on_gpu(monkeypatch, backend):
 def test_torch_compile_traces_the_ops(triton_backend):
     """fake impls (+ masked_mse's autograd): a compiled graph gives the eager values."""
     g = torch.Generator().manual_seed(9)
-    video, actions = torch.randn(2, 4, 3, 2, 2, generator=g), torch.randn(2, 16, 14, generator=g)
-    pred = torch.randn(2, 4, 3, 2, 2, generator=g, requires_grad=True)
+    video, actions = (torch.randn(*s, generator=g).to(DEVICE) for s in ((2, 4, 3, 2, 2), (2, 16, 14)))
+    pred = torch.randn(2, 4, 3, 2, 2, generator=g).to(DEVICE).requires_grad_()
 
     def f(video, actions, pred):
-        x_t, v = noise_and_target(video, video.flip(0), torch.tensor([0.3, 0.8]), 1)
-        stepped = euler_step([x_t, actions], [v, actions], torch.tensor(-0.1), [video[:, :, :1], None])
+        x_t, v = noise_and_target(video, video.flip(0), torch.tensor([0.3, 0.8], device=video.device), 1)
+        stepped = euler_step([x_t, actions], [v, actions], torch.tensor(-0.1, device=video.device),
+                             [video[:, :, :1], None])
         return masked_mse(pred, stepped[0], None, 1), stepped[1]
     eager = f(video, actions, pred)
     d_eager = torch.autograd.grad(eager[0], pred)[0]

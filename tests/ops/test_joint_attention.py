@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 
+from kernel_checks import DEVICE
 from motus_fast import backend as backend_mod
 from motus_fast.ops.joint_attention import (joint_attention, joint_attention_reference, varlen_attention,
                                             varlen_attention_reference)
@@ -38,18 +39,19 @@ def draw_lengths(gen, E, B, long):
     return lens
 
 
-def cu_from(lens):
-    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+def cu_from(lens, device=DEVICE):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
 
 
-def make_inputs(lens, D, dtype, seed):
+def make_inputs(lens, D, dtype, seed, device=DEVICE):
+    """Drawn on the CPU (same numbers on every machine), then moved to the kernels' device."""
     gen = torch.Generator().manual_seed(seed)
-    mk = lambda n: torch.randn(n, H, D, generator=gen).to(dtype)  # noqa: E731
+    mk = lambda n: torch.randn(n, H, D, generator=gen).to(device, dtype)  # noqa: E731
     q = [mk(sum(l)) for l in lens]
     k = [mk(sum(l)) for l in lens]
     v = [mk(sum(l)) for l in lens]
     do = [mk(sum(l)) for l in lens]
-    return q, k, v, do, [cu_from(l) for l in lens]
+    return q, k, v, do, [cu_from(l, device) for l in lens]
 
 
 def reference_with_grads(q, k, v, do, cu, visible, dtype):
@@ -74,7 +76,7 @@ def assert_fa_rule(name, got, want, same_dtype, factor, dtype):
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     if got.numel() == 0:
         return
-    got, want, same_dtype = got.double(), want.double(), same_dtype.double()
+    got, want, same_dtype = (t.detach().double().cpu() for t in (got, want, same_dtype))
     assert not torch.isnan(got).any(), f"{name}: NaN (unwritten or invalid elements)"
     inf = torch.isinf(want)
     assert torch.equal(torch.isinf(got), inf) and torch.equal(got[inf], want[inf]), f"{name}: -inf pattern differs"
@@ -89,7 +91,7 @@ def assert_fa_rule(name, got, want, same_dtype, factor, dtype):
 
 
 def nan_like(shape, dtype):
-    return torch.full(shape, float("nan"), dtype=dtype)
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
 
 
 def small_config(dtype):
@@ -209,7 +211,7 @@ def test_varlen_attention_matches_reference(monkeypatch, causal, dtype):
     monkeypatch.setenv("MOTUS_BACKEND", "triton")
     lq, lk = [5, 0, 150, 1, 40], [3, 7, 133, 1, 0]
     gen = torch.Generator().manual_seed(3 + causal)
-    mk = lambda n: torch.randn(n, H, 128, generator=gen).to(dtype)  # noqa: E731
+    mk = lambda n: torch.randn(n, H, 128, generator=gen).to(DEVICE, dtype)  # noqa: E731
     q, k, v, do = mk(sum(lq)), mk(sum(lk)), mk(sum(lk)), mk(sum(lq))
     cu_q, cu_k = cu_from(lq), cu_from(lk)
 
@@ -289,14 +291,15 @@ def test_unrunnable_triton_logs_and_uses_reference(monkeypatch, caplog, why):
     """MOTUS_BACKEND=triton where the kernels cannot run (CPU tensors without the interpreter; an unsupported
     head dim): a warning, then the reference's result."""
     monkeypatch.setenv("MOTUS_BACKEND", "triton")
-    D = 64
+    D, device = 64, DEVICE
     if why == "no-interpreter":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
+        device = "cpu"
     else:
         D = 48
     monkeypatch.setattr(backend_mod, "_logged", set())
     lens = [[9, 3], [0, 5]]
-    q, k, v, _, cu = make_inputs(lens, D, torch.float32, 2)
+    q, k, v, _, cu = make_inputs(lens, D, torch.float32, 2, device)
     with caplog.at_level(logging.INFO, logger="motus_fast"):
         got = joint_attention(q, k, v, cu)
         got_varlen = varlen_attention(q[0], k[0], v[0], cu[0], cu[0], 9, 9)

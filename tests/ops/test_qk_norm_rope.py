@@ -104,7 +104,8 @@ def test_all_experts_share_one_launch(triton_backend, monkeypatch):
             return kernel[grid]
     monkeypatch.setattr(K, "qk_norm_rope_fwd_kernel", Counting())
     f32 = lambda t: None if t is None else t.float().to(DEVICE)  # noqa: E731
-    specs = [ExpertQK(f32(e["q"]), f32(e["k"]), f32(e["wq"]), f32(e["wk"]), e["eps"], e["rope"])
+    rope = lambda r: None if r is None else tuple(t.to(DEVICE) for t in r)  # noqa: E731
+    specs = [ExpertQK(f32(e["q"]), f32(e["k"]), f32(e["wq"]), f32(e["wk"]), e["eps"], rope(e["rope"]))
              for e in make_experts(96, 2, seed=4)]
     with torch.no_grad():
         qk_norm_rope(specs, 2)
@@ -133,7 +134,7 @@ def test_log_names_the_backend(triton_backend, monkeypatch, caplog):
     monkeypatch.setattr(backend_mod, "_logged", set())
     e = make_experts(64, 1, seed=5, lengths=((2, 3),), keys_only=())[0]
     with caplog.at_level(logging.INFO, logger="motus_fast"), torch.no_grad():
-        qk_norm_rope([ExpertQK(e["q"].float(), e["k"].float(), e["wq"].float(), e["wk"].float(), 1e-6)], 1)
+        qk_norm_rope([ExpertQK(*(e[n].to(DEVICE, torch.float32) for n in ("q", "k", "wq", "wk")), 1e-6)], 1)
     assert "qk_norm_rope: using the triton backend" in caplog.text
 
 
@@ -162,11 +163,12 @@ def test_bf16_motus_shapes_on_gpu(monkeypatch):
 def test_torch_compile_traces_the_op(triton_backend):
     """fake impls + autograd with tensor lists: a compiled graph gives the eager values and gradients."""
     experts = make_experts(64, 2, seed=6, lengths=((2, 4), (3,)), keys_only=(1,))
-    leaves = [t.float().requires_grad_() for e in experts for t in (e["q"], e["k"], e["wq"], e["wk"]) if t is not None]
+    leaves = [t.to(DEVICE, torch.float32).requires_grad_()
+              for e in experts for t in (e["q"], e["k"], e["wq"], e["wk"]) if t is not None]
+    rope = None if experts[0]["rope"] is None else tuple(t.to(DEVICE) for t in experts[0]["rope"])
 
     def f(q0, k0, wq0, wk0, k1, wk1):
-        out = qk_norm_rope([ExpertQK(q0, k0, wq0, wk0, 1e-6, experts[0]["rope"]), ExpertQK(None, k1, None, wk1, 1e-5)],
-                           2)
+        out = qk_norm_rope([ExpertQK(q0, k0, wq0, wk0, 1e-6, rope), ExpertQK(None, k1, None, wk1, 1e-5)], 2)
         return (out[0][0] * out[0][1]).sum() + out[1][1].square().sum()
     eager = f(*leaves)
     grads = torch.autograd.grad(eager, leaves)
