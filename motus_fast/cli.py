@@ -15,7 +15,9 @@ import os
 import sys
 
 # modules that add sub-commands (each has register(subparsers))
-COMMAND_MODULES: list[str] = ["motus_fast.demo", "motus_fast.train.cli", "motus_fast.weights.assemble", "motus_fast.eval", "motus_fast.serve.cli", "motus_fast.data.cli", "motus_fast.latent_action.cli"]
+COMMAND_MODULES: list[str] = ["motus_fast.demo", "motus_fast.train.cli", "motus_fast.weights.assemble",
+                              "motus_fast.eval", "motus_fast.serve.cli", "motus_fast.data.cli",
+                              "motus_fast.latent_action.cli"]
 
 
 def parse_overrides(items: list[str]) -> dict:
