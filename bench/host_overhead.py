@@ -1,0 +1,118 @@
+"""Host time per call of the public ops, and of the bare custom ops beneath them, with the kernels stubbed out.
+
+    python -m bench.host_overhead            # any machine: every Triton launch is stubbed out
+
+At inference shapes a kernel takes tens of microseconds on an H100, so the Python around it decides the speed of
+eager code. This times that host work, minus Triton's own launch path: each `kernel[grid](...)` is replaced by a
+no-op (no kernel runs, on CPU or GPU; the outputs are garbage). Each op is timed through its public function
+(input checks, backend choice, the custom op) and as the bare ``torch.ops.motus_fast.*`` call, with grad mode on
+and off. Triton's launch binding (many arguments per kernel) is not in these numbers: time it on a GPU. Shapes: motus-8b inference, B=1 (360 video + 21 action + 150 und tokens, 24 heads x 128, width
+3072), fp16 tensors on the first CUDA device if there is one, else on the CPU under the Triton interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import time
+
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench.common import backend, write_results  # noqa: E402
+
+
+@contextlib.contextmanager
+def stubbed_launches():
+    """Every `kernel[grid](...)` becomes a no-op (JIT, autotuned and interpreted kernels)."""
+    from triton.runtime import interpreter, jit
+
+    classes = (jit.KernelInterface, interpreter.InterpretedFunction)
+    saved = [c.__dict__.get("__getitem__") for c in classes]
+    for c in classes:
+        c.__getitem__ = lambda self, grid: (lambda *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        for c, s in zip(classes, saved):
+            if s is None:
+                del c.__getitem__
+            else:
+                c.__getitem__ = s
+
+
+def calls(device: str, dtype: torch.dtype) -> dict:
+    """name -> (public op call, bare custom-op call), both with the same arguments."""
+    from motus_fast.ops.adaln import adaln_modulate, gated_residual_adaln
+    from motus_fast.ops.flow_step import euler_step
+    from motus_fast.ops.joint_attention import joint_attention
+    from motus_fast.ops.qk_norm_rope import ExpertQK, qk_norm_rope
+
+    H, D, W = 24, 128, 3072
+    lens = (360, 21, 150)
+    mk = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
+    q, k, v = ([mk(n, H, D) for n in lens] for _ in range(3))
+    cu = [torch.tensor([0, n], dtype=torch.int32, device=device) for n in lens]
+    x, y, mod = mk(1, 360, W), mk(1, 360, W), mk(1, 1, 6, W)
+    shift, scale, gate = mod[:, :, 0], mod[:, :, 1], mod[:, :, 2]
+    experts = [ExpertQK(mk(n, W), mk(n, W), mk(W), mk(W), 1e-6) for n in lens]
+    lat, vel = mk(1, 48, 3, 24, 20), mk(1, 48, 3, 24, 20)
+    dt = torch.tensor(-0.1, device=device, dtype=dtype)
+    op = torch.ops.motus_fast
+    return {
+        "joint_attention": (lambda: joint_attention(q, k, v, cu, max_seqlens=list(lens)),
+                            lambda: op.attention_fwd(q, [0, 1, 2], k, v, cu, cu, list(lens), list(lens), 511,
+                                                     D ** -0.5, False)),
+        "adaln_modulate": (lambda: adaln_modulate(x, shift, scale, 1e-6),
+                           lambda: op.adaln_modulate(x, shift, scale, 1e-6, False)),
+        "gated_residual_adaln": (lambda: gated_residual_adaln(x, y, gate, shift, scale, 1e-6),
+                                 lambda: op.gated_residual_adaln(x, y, gate, shift, scale, 1e-6, False)),
+        "qk_norm_rope (3 experts)": (
+            lambda: qk_norm_rope(experts, H),
+            lambda: op.qk_norm_rope([e.q for e in experts], [e.k for e in experts], [e.weight_q for e in experts],
+                                    [e.weight_k for e in experts], [True] * 3, [None] * 3, [None] * 3, [1e-6] * 3,
+                                    D)),
+        "euler_step": (lambda: euler_step([lat], [vel], dt, [lat[:, :, :1]]),
+                       lambda: op.euler_step([lat], [vel], dt, [lat[:, :, :1]], [], 1.0)),
+    }
+
+
+def per_call_us(fn, iters: int) -> float:
+    for _ in range(max(3, iters // 10)):
+        fn()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t) / iters * 1e6
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args(argv)
+    device, dtype = ("cuda", torch.float16) if ON_GPU else ("cpu", torch.float16)
+    rows = []
+    with backend("triton"), stubbed_launches():
+        ops = calls(device, dtype)
+        # grad mode on (a plain script; no input needs grad) and off (torch.no_grad, as the inference engine)
+        for grad_mode in (True, False):
+            with torch.set_grad_enabled(grad_mode):
+                for name, (public, bare) in ops.items():
+                    p, b = per_call_us(public, args.iters), per_call_us(bare, args.iters)
+                    rows.append({"op": name, "grad mode": grad_mode, "public op us": p, "bare custom op us": b})
+                    print(f"{name:>26} grad={grad_mode!s:5}: public {p:7.1f} us   bare custom op {b:7.1f} us",
+                          flush=True)
+    write_results("host_overhead", rows, ["op", "grad mode", "public op us", "bare custom op us"],
+                  notes="Host time per call with every Triton launch stubbed out (no kernel runs, Triton's launch "
+                        "binding excluded). Public op: checks + backend choice + custom op; bare: "
+                        "torch.ops.motus_fast.* alone. Shapes: motus-8b inference, B=1, "
+                        f"{dtype}, {device}.", out_dir=args.out_dir)
+
+
+if __name__ == "__main__":
+    main()
