@@ -2,6 +2,8 @@
 # One GPU session in one command: environment, the GPU test suite, the bench suite. Everything lands in $OUT
 # (default ./gpu_out): logs and a results tarball. Each phase has its own time limit so a hang in one still
 # leaves the others' results.   Usage: OUT=/tmp/x bash scripts/gpu_session.sh [phases...]
+# The parity fixtures travel as .fixtures/ (a copy of ../shared/fixtures, git-ignored through .git/info/exclude);
+# the tests phase uses pytest-timeout (installed on the lent machines).
 #   phases: env tests attention ops latency   (default: all)
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT/results"
@@ -11,7 +13,9 @@ unset TRITON_INTERPRET
 [ -e motus_fast/kernels ] || ln -s ../kernels motus_fast/kernels
 [ -d .fixtures ] && export MOTUS_FIXTURES=$PWD/.fixtures
 phases=${*:-env tests attention ops latency}
-T_TESTS=${T_TESTS:-270} T_ATTN=${T_ATTN:-150} T_OPS=${T_OPS:-100} T_LAT=${T_LAT:-120}
+# seconds per phase, from the 2026-11-24 H100 session (bench/results/GPU_SESSIONS.md): the tests needed more than
+# 210 s, attention with --sweep more than 190 s, ops ~140 s. A device call may run 600 s: split phases across calls.
+T_TESTS=${T_TESTS:-420} T_ATTN=${T_ATTN:-240} T_OPS=${T_OPS:-160} T_LAT=${T_LAT:-120}
 summary() { echo "== $1: rc=$2 in $3 s" | tee -a "$OUT/summary.txt"; }
 run_phase() {   # name limit cmd...
     local name=$1 limit=$2; shift 2; local t=$(date +%s)
