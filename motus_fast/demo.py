@@ -46,7 +46,7 @@ class DemoConfig:
     baseline_steps: int = 2500
     batch_size: int = 16
     lr: float = 2e-3
-    eval_episodes: int = 10              # closed-loop episodes per task and policy
+    eval_episodes: int = 20              # closed-loop episodes per task and policy
     eval_seed: int = 1000                # held out: demonstrations use seed 0
     max_steps: int = 150
     execute_steps: int = 8               # actions executed per chunk of 16
