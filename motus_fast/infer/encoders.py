@@ -206,3 +206,49 @@ class PatchPCAEncoders(StubEncoders):
             t = {k: f.get_tensor(k) for k in f.keys()}
         H, W = (int(v) for v in meta["image_size"].split(","))
         return cls(cfg, (H, W), t["mean"], t["basis"], t["scale"], device=device)
+
+
+class FrozenEncoders:
+    """The ``Encoders`` protocol over the training pipeline's frozen encoders (``motus_fast.data.encoders.Encoders``:
+    a Wan VAE, a umT5 text encoder and a Qwen3-VL feature extractor, real or tiny), with the training path's
+    preprocessing (``motus_fast.data.encode.BatchEncoder``): frames to [-1, 1] into the VAE, umT5 states
+    zero-padded or truncated to ``text_len``, VLM prompts from the VLM's own prompt builder, and padding attended or
+    masked as the model was trained (``attend_padding``; upstream attends it). A served model then sees exactly the
+    inputs it was trained on.
+    """
+
+    def __init__(self, encoders, image_size: tuple[int, int], text_len: Optional[int], attend_padding: bool = True):
+        if encoders.vlm is None:
+            raise ValueError("FrozenEncoders needs a VLM (the und expert reads its features); got encoders.vlm=None")
+        H, W = image_size
+        stride = encoders.vae.spatial_stride
+        if H % stride or W % stride:
+            raise ValueError(f"image_size {image_size} is not divisible by the VAE's spatial stride {stride}")
+        self.encoders, self.image_size = encoders, (H, W)
+        self.frame_stride = encoders.vae.temporal_stride
+        self.text_len, self.attend_padding = text_len, attend_padding
+
+    @torch.no_grad()
+    def encode_frames(self, frames: Tensor) -> Tensor:
+        # frames: uint8 [B, F, H, W, 3] -> normalised latents [B, C, 1 + (F-1)/stride, H/s, W/s]
+        return self.encoders.vae.encode(frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        # latents: [B, C, T, h, w] -> uint8 [B, F, H, W, 3]
+        video = self.encoders.vae.decode(latents)                                    # [B, 3, F, H, W] in ~[-1, 1]
+        return ((video + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor, Optional[Tensor]]:
+        from motus_fast.data.encode import pad_text
+
+        states = [s.float() for s in self.encoders.text(list(prompts))]
+        text, lens = pad_text(states, self.text_len)
+        return text, None if self.attend_padding else lens.to(text.device)
+
+    @torch.no_grad()
+    def vlm_features(self, images: Tensor, prompts: Sequence[str]) -> tuple[Tensor, Optional[Tensor]]:
+        vlm = self.encoders.vlm
+        hidden, lens = vlm([vlm.prompt(img.cpu().numpy(), p) for img, p in zip(images, prompts)])
+        return hidden, None if self.attend_padding else lens.to(hidden.device)
