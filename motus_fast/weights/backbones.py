@@ -207,6 +207,56 @@ def load_wan_vae(path: str | Path, dtype: torch.dtype = torch.float32, device=No
     return vae if device is None else vae.to(device)
 
 
+# ---- the three together, as the data pipeline and the server use them ------------------------------------
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
+
+
+def umt5_tokenizer_dir(t5: str | Path) -> Path:
+    """Where umT5's tokenizer lives for an encoder at `t5`: the folder itself, a diffusers pipeline's
+    ``tokenizer/`` (beside ``text_encoder/``), or the original Wan release's ``google/umt5-xxl/`` beside its .pth."""
+    p = Path(t5)
+    base = p.parent if p.is_file() else p
+    candidates = [base, base / "tokenizer", base.parent / "tokenizer", base / "google" / "umt5-xxl"]
+    for c in candidates:
+        if c.is_dir() and any((c / f).is_file() for f in TOKENIZER_FILES):
+            return c
+    raise CheckpointError(f"{p}: no umT5 tokenizer found (looked in {', '.join(str(c) for c in candidates)}); "
+                          "pass its folder as t5_tokenizer")
+
+
+def qwen3_vl_chat_template(folder: Path, tokenizer) -> str:
+    """The chat template: the tokenizer's, else chat_template.jinja / chat_template.json in the model folder."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    if (folder / "chat_template.json").is_file():
+        return read_json(folder / "chat_template.json")["chat_template"]
+    raise CheckpointError(f"{folder}: no chat template (tokenizer_config.json, chat_template.jinja or "
+                          "chat_template.json)")
+
+
+def load_frozen_encoders(vae: str | Path, t5: str | Path, vlm: str | Path, *, t5_tokenizer: str | Path | None = None,
+                         dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype = torch.float32, device=None,
+                         text_max_length: int = 512, progress: bool = True):
+    """The Wan2.2 VAE, the umT5 encoder and Qwen3-VL from local folders as ``motus_fast.data.encoders.Encoders``:
+    what ``BatchEncoder`` runs in training and ``motus_fast.infer.FrozenEncoders`` in serving. Tokenizers and the
+    image processor come from the same folders (see ``umt5_tokenizer_dir``); upstream's chat prompt is used."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    from motus_fast.data.encoders import (Encoders, HFTokenize, Qwen3VLChatPrompt, Qwen3VLFeatures,
+                                          UMT5TextEncoder, WanVAE)
+
+    video_vae = WanVAE(load_wan_vae(vae, vae_dtype, device, progress))
+    tokenizer = AutoTokenizer.from_pretrained(str(t5_tokenizer or umt5_tokenizer_dir(t5)))
+    text = UMT5TextEncoder(load_umt5(t5, dtype, device, progress), HFTokenize(tokenizer), text_max_length)
+    folder = component_dir(vlm, "Qwen3-VL")
+    vlm_tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    prompt = Qwen3VLChatPrompt(vlm_tokenizer, Qwen2VLImageProcessorPil.from_pretrained(str(folder)),
+                               chat_template=qwen3_vl_chat_template(folder, vlm_tokenizer))
+    return Encoders(vae=video_vae, text=text, vlm=Qwen3VLFeatures(load_qwen3_vl(vlm, dtype, device), prompt))
+
+
 def summary(kind: str, path: str | Path, model: nn.Module) -> dict:
     """What a stage checkpoint records about a backbone: where it is and the sizes Motus depends on."""
     cfg = model.config

@@ -299,6 +299,73 @@ def test_vae_wrong_shape_names_key_and_file(vae, tmp_path):
 
 
 # ---- fresh experts and `motus-fast init` -----------------------------------------------------------------
+# ---- the three as the Encoders bundle (training's BatchEncoder, serving's FrozenEncoders) --------------------
+def word_tokenizer(words, special=None):
+    """An in-process word-level fast tokenizer (no download): `words` get ids 0.., `special` {token: id}."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(words)}
+    vocab.update(special or {})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
+                                   additional_special_tokens=list(special or {}))
+
+
+CHAT = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+        "<|vision_start|><|image_pad|><|vision_end|> {% else %}{{ c['text'] }} {% endif %}{% endfor %}<|im_end|> "
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+
+
+def test_frozen_encoders_load_from_folders_and_match_the_models(qwen, umt5, vae, tmp_path):
+    import numpy as np
+    from transformers import Qwen2VLImageProcessorPil
+
+    from motus_fast.data.encoders import Qwen3VLChatPrompt, WanVAE
+    from motus_fast.infer import FrozenEncoders
+    from motus_fast.weights.backbones import load_frozen_encoders
+
+    words = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>", "user", "assistant", "pick", "the", "cube", "open"]
+    pipeline = tmp_path / "wan_pipeline"
+    shutil.copytree(umt5["root"], pipeline)
+    with pytest.raises(CheckpointError, match="no umT5 tokenizer found"):
+        load_frozen_encoders(vae["dir"], pipeline, qwen["dir"], dtype=torch.float32, progress=False)
+    t5_tok = word_tokenizer(words)
+    t5_tok.save_pretrained(pipeline / "tokenizer")                              # the diffusers pipeline layout
+    qwen_dir = tmp_path / "qwen3_vl"
+    shutil.copytree(qwen["dir"], qwen_dir)
+    vl_tok = word_tokenizer(words, {"<|image_pad|>": IMAGE, "<|vision_start|>": VISION_START,
+                                    "<|vision_end|>": VISION_END})
+    vl_tok.chat_template = CHAT
+    vl_tok.save_pretrained(qwen_dir)
+    improc = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32,
+                                      max_pixels=64 * 64, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    improc.save_pretrained(qwen_dir)
+
+    enc = load_frozen_encoders(vae["dir"], pipeline, qwen_dir, dtype=torch.float32, progress=False)
+    prompts = ["pick the cube", "open"]
+    tok = t5_tok(prompts, padding=True, return_tensors="pt")
+    want = umt5["model"](**tok).last_hidden_state
+    for i, got in enumerate(enc.text(prompts)):
+        n = int(tok["attention_mask"][i].sum())
+        torch.testing.assert_close(got, want[i, :n], rtol=1e-5, atol=1e-5)   # rounding (seen: 1.3e-6)
+
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    item = enc.vlm.prompt(image, "pick the cube")
+    assert torch.equal(item["input_ids"], Qwen3VLChatPrompt(vl_tok, improc, CHAT)(image, "pick the cube")["input_ids"])
+    hidden, lens = enc.vlm([item])
+    ref, ref_lens = VLMFeatureExtractor(qwen["model"])(**{k: v[None] if k != "pixel_values" else v
+                                                           for k, v in item.items() if k != "image_grid_thw"},
+                                                        image_grid_thw=item["image_grid_thw"])
+    torch.testing.assert_close(hidden, ref.float(), rtol=1e-5, atol=1e-5)
+
+    clip = torch.rand(1, 3, 5, 64, 64) * 2 - 1
+    assert torch.equal(enc.vae.encode(clip), WanVAE(vae["model"]).encode(clip))
+    served = FrozenEncoders(enc, (64, 64), text_len=8)
+    assert served.encode_prompts(prompts)[0].shape == (2, 8, 32) and served.frame_stride == 4
+
+
 def test_fresh_experts_follow_upstream_init():
     cfg = get_preset("tiny")
     with torch.device("meta"):
