@@ -128,6 +128,30 @@ class SampleResult:
     actions: Optional[Tensor]
 
 
+def check_and_draw_noise(acfg, cond_latent: Tensor, num_frames: Optional[int], actions: Optional[Tensor],
+                         video: Optional[Tensor], noise_video: Optional[Tensor], noise_action: Optional[Tensor],
+                         generator: Optional[torch.Generator], device, dtype) -> tuple[Tensor, Tensor]:
+    """The given tensors of one sampling call checked against the condition latent [B, C, 1, H, W] (num_frames taken
+    from `noise_video` or `video` if not given), and the missing noise drawn: video first, then actions (the order
+    `sample` and the inference engine share, so both draw the same numbers). -> (noise_video, noise_action)"""
+    B, C, _, H, W = cond_latent.shape
+    for name, ref in (("noise_video", noise_video), ("video", video)):
+        if ref is not None:
+            num_frames = ref.shape[2] if num_frames is None else num_frames
+            if tuple(ref.shape) != (B, C, num_frames, H, W):
+                raise ValueError(f"{name} has shape {tuple(ref.shape)}; expected {(B, C, num_frames, H, W)}")
+    if num_frames is None:
+        raise ValueError("give num_frames (latent frames, condition included) or noise_video")
+    a_shape = (B, acfg.chunk_size, acfg.action_dim)
+    if actions is not None and tuple(actions.shape) != a_shape:
+        raise ValueError(f"actions have shape {tuple(actions.shape)}; expected {a_shape}")
+    if noise_video is None:
+        noise_video = torch.randn((B, C, num_frames, H, W), generator=generator, device=device, dtype=dtype)
+    if noise_action is None:
+        noise_action = torch.randn(a_shape, generator=generator, device=device, dtype=dtype)
+    return noise_video, noise_action
+
+
 @torch.no_grad()
 def sample(model, mode: str = "vla", *, cond: Conditioning, cond_latent: Optional[Tensor] = None, num_frames: Optional[int] = None,
            actions: Optional[Tensor] = None, video: Optional[Tensor] = None, steps: Optional[int] = None,
@@ -158,22 +182,10 @@ def sample(model, mode: str = "vla", *, cond: Conditioning, cond_latent: Optiona
             raise ValueError("mode 'idm': cond_latent differs from frame 0 of the given video (omit it)")
     if cond_latent is None:
         raise ValueError(f"mode {mode!r} needs cond_latent, the clean first-frame latent [B, C, 1, H, W]")
-    B, C, _, H, W = cond_latent.shape
+    B = cond_latent.shape[0]
     dev = cond_latent.device
-    for name, ref in (("noise_video", noise_video), ("video", video)):
-        if ref is not None:
-            num_frames = ref.shape[2] if num_frames is None else num_frames
-            if ref.shape != (B, C, num_frames, H, W):
-                raise ValueError(f"{name} has shape {tuple(ref.shape)}; expected {(B, C, num_frames, H, W)}")
-    if num_frames is None:
-        raise ValueError("give num_frames (latent frames, condition included) or noise_video")
-    a_shape = (B, acfg.chunk_size, acfg.action_dim)
-    if actions is not None and tuple(actions.shape) != a_shape:
-        raise ValueError(f"actions have shape {tuple(actions.shape)}; expected {a_shape}")
-    if noise_video is None:
-        noise_video = torch.randn((B, C, num_frames, H, W), generator=generator, device=dev, dtype=dtype)
-    if noise_action is None:
-        noise_action = torch.randn(a_shape, generator=generator, device=dev, dtype=dtype)
+    noise_video, noise_action = check_and_draw_noise(acfg, cond_latent, num_frames, actions, video, noise_video,
+                                                     noise_action, generator, dev, dtype)
 
     integrate_video = mode in ("joint", "world_model", "video")
     integrate_action = mode in ("joint", "vla", "idm")

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 import torch
 from torch.utils._pytree import tree_flatten
 
-from motus_fast.flow import MODES, SampleResult, sampling_grid, with_condition_frame
+from motus_fast.flow import MODES, SampleResult, check_and_draw_noise, sampling_grid, with_condition_frame
 from motus_fast.infer.cache import LRUCache
 from motus_fast.infer.chunking import PrefixGuidance, guide_velocity
 from motus_fast.infer.encoders import Encoders
@@ -247,21 +247,9 @@ class InferenceEngine:
             cond_latent = video[:, :, :1]
         if cond_latent is None:
             raise ValueError(f"mode {mode!r} needs the condition latent (prepare() from images, or cond_latent)")
-        B, C, _, H, W = cond_latent.shape
-        for name, ref in (("noise_video", noise_video), ("video", video)):
-            if ref is not None:
-                num_frames = ref.shape[2] if num_frames is None else num_frames
-                if tuple(ref.shape) != (B, C, num_frames, H, W):
-                    raise ValueError(f"{name} has shape {tuple(ref.shape)}; expected {(B, C, num_frames, H, W)}")
-        if num_frames is None:
-            raise ValueError("give num_frames (latent frames, condition included) or noise_video")
-        a_shape = (B, acfg.chunk_size, acfg.action_dim)
-        if actions is not None and tuple(actions.shape) != a_shape:
-            raise ValueError(f"actions have shape {tuple(actions.shape)}; expected {a_shape}")
-        if noise_video is None:
-            noise_video = torch.randn((B, C, num_frames, H, W), generator=generator, device=self.device, dtype=dtype)
-        if noise_action is None:
-            noise_action = torch.randn(a_shape, generator=generator, device=self.device, dtype=dtype)
+        B = cond_latent.shape[0]
+        noise_video, noise_action = check_and_draw_noise(acfg, cond_latent, num_frames, actions, video, noise_video,
+                                                         noise_action, generator, self.device, dtype)
 
         steps = steps or self.steps
         shift = self.shift if shift is None else shift
