@@ -7,19 +7,6 @@ import pytest
 from motus_fast.serve import wire
 
 
-@pytest.fixture(scope="module")
-def openpi_client():
-    """The unmodified openpi client (a test dependency): our server must be wire-compatible with it."""
-    try:
-        import openpi_client.msgpack_numpy  # noqa: F401
-        import openpi_client.websocket_client_policy  # noqa: F401
-    except ImportError as e:
-        pytest.fail(f"openpi-client is not installed ({e}): pip install --no-deps openpi-client==0.1.2 (it pins "
-                    "numpy<2 in its metadata but runs on numpy 2)")
-    return openpi_client
-
-
-
 def sample_message(rng):
     return {"image": rng.integers(0, 256, (5, 7, 3), dtype=np.uint8),
             "state": rng.standard_normal(14).astype(np.float32),
