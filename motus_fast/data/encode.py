@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from motus_fast.data.dataset import RawBatch
-from motus_fast.data.encoders import Encoders
+from motus_fast.data.encoders import Encoders, pixels_to_unit
 from motus_fast.flow import FlowBatch
 from motus_fast.model.mot import Conditioning
 
@@ -61,7 +61,7 @@ class BatchEncoder:
         todo = [i for i, c in enumerate(cached) if c is None]
         out: list[Optional[Tensor]] = [None if c is None else c.to(self.device) for c in cached]
         if todo:
-            video = frames[todo].to(self.device, non_blocking=True).permute(0, 2, 1, 3, 4).float() / 127.5 - 1.0
+            video = pixels_to_unit(frames[todo].to(self.device, non_blocking=True).permute(0, 2, 1, 3, 4))
             latents = self.encoders.vae.encode(video)
             for j, i in enumerate(todo):
                 out[i] = latents[j]

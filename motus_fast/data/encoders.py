@@ -67,6 +67,17 @@ class Encoders:
     vlm: Optional[VLMFeatures] = None
 
 
+# ---- pixels <-> the VAE's range -----------------------------------------------------------------------------------
+def pixels_to_unit(pixels: Tensor) -> Tensor:
+    """uint8 pixels -> fp32 in [-1, 1] (upstream's frame * 2 - 1): what the VAE encodes."""
+    return pixels.float() / 127.5 - 1.0
+
+
+def unit_to_pixels(x: Tensor) -> Tensor:
+    """Values in about [-1, 1] (a decoded video) -> uint8 pixels, clamped and rounded."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 # ---- the Wan VAE ---------------------------------------------------------------------------------------------------
 class WanVAE(nn.Module):
     """diffusers ``AutoencoderKLWan`` (Wan2.1 or Wan2.2 style) with the Wan pipeline's latent normalisation."""

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from motus_fast.config import MotusConfig
+from motus_fast.data.encoders import pixels_to_unit, unit_to_pixels
 
 Tensor = torch.Tensor
 
@@ -103,7 +104,7 @@ class StubEncoders:
         B, Fr, H, W, _ = frames.shape
         if (Fr - 1) % self.frame_stride:
             raise ValueError(f"a clip needs 1 + {self.frame_stride}k frames, got {Fr}")
-        x = frames.to(self.to_latent.device, torch.float32) / 127.5 - 1.0
+        x = pixels_to_unit(frames.to(self.to_latent.device))
         groups = [x[:, :1]] + [x[:, i:i + self.frame_stride] for i in range(1, Fr, self.frame_stride)]
         x = torch.stack([grp.mean(dim=1) for grp in groups], dim=1)                 # B, T, H, W, 3
         p, T = self.patch, len(groups)
@@ -115,7 +116,7 @@ class StubEncoders:
         p = self.patch
         x = patches.unflatten(-1, (3, p, p)).permute(0, 1, 2, 5, 3, 6, 4).reshape(B, T, h * p, w * p, 3)
         x = torch.cat([x[:, :1], x[:, 1:].repeat_interleave(self.frame_stride, dim=1)], dim=1)
-        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return unit_to_pixels(x)
 
     # ---- umT5 stand-in --------------------------------------------------------------------------------------
     def _bytes(self, prompts: Sequence[str], length: int) -> tuple[Tensor, Tensor]:
@@ -136,7 +137,7 @@ class StubEncoders:
     # ---- VLM stand-in ---------------------------------------------------------------------------------------
     def vlm_features(self, images: Tensor, prompts: Sequence[str]) -> tuple[Tensor, Optional[Tensor]]:
         # images: uint8 [B, H, W, 3] -> [B, grid^2 + prompt_tokens, vlm_dim]
-        x = images.to(self.vlm_colour.device, torch.float32).permute(0, 3, 1, 2) / 127.5 - 1.0
+        x = pixels_to_unit(images.to(self.vlm_colour.device).permute(0, 3, 1, 2))
         cells = F.adaptive_avg_pool2d(x, self.vlm_grid).flatten(2).transpose(1, 2)  # B, 16, 3
         ids, _ = self._bytes(prompts, self.vlm_prompt_tokens)
         return torch.cat([cells @ self.vlm_colour, self.vlm_bytes[ids]], dim=1), None
@@ -231,13 +232,12 @@ class FrozenEncoders:
     @torch.no_grad()
     def encode_frames(self, frames: Tensor) -> Tensor:
         # frames: uint8 [B, F, H, W, 3] -> normalised latents [B, C, 1 + (F-1)/stride, H/s, W/s]
-        return self.encoders.vae.encode(frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0)
+        return self.encoders.vae.encode(pixels_to_unit(frames.permute(0, 4, 1, 2, 3)))
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
         # latents: [B, C, T, h, w] -> uint8 [B, F, H, W, 3]
-        video = self.encoders.vae.decode(latents)                                    # [B, 3, F, H, W] in ~[-1, 1]
-        return ((video + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1)
+        return unit_to_pixels(self.encoders.vae.decode(latents)).permute(0, 2, 3, 4, 1)   # from [B, 3, F, H, W]
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor, Optional[Tensor]]:
