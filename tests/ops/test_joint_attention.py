@@ -113,6 +113,7 @@ CASES = [
     ("3exp-b4-d64-fp32-blind", 3, 4, 64, torch.float32, VIS_BLIND, None, "small"),
     ("3exp-b2-d128-fp32-kvonly-default", 3, 2, 128, torch.float32, None, 2, "default"),
     ("2exp-b2-d64-fp16-default", 2, 2, 64, torch.float16, None, None, "default"),
+    ("2exp-b2-d128-fp16-default", 2, 2, 128, torch.float16, [[1, 0], [1, 1]], None, "default"),   # H100 tiles
 ]
 
 
