@@ -23,14 +23,15 @@ from bench.common import write_results
 STAGES = ("preprocess", "text", "vae", "vlm", "denoise", "postprocess")
 
 
-def serve_args(args, mode_steps: int | None):
-    """A `motus-fast serve` argument namespace for build_policy."""
-    return argparse.Namespace(
-        checkpoint=args.checkpoint, preset=None if args.checkpoint else args.preset, set=args.set, seed=0,
-        upstream_config=None, host="127.0.0.1", port=0, api_key_env=None, device=args.device, dtype=args.dtype,
-        steps=mode_steps, shift=None, num_frames=args.num_frames, execute_steps=None, encoders="stub",
-        image_size=args.image_size, norm_mode=None, norm_dataset=None, max_message_mb=256.0, max_batch=64,
-        max_connections=4, cuda_graphs=args.cuda_graphs, threads=args.threads, instruction_cache=64)
+def policy_spec(args, mode_steps: int | None):
+    """The served policy's settings (stub encoders: the bench measures the model and the engine)."""
+    from motus_fast.config import parse_overrides
+    from motus_fast.serve.build import PolicySpec
+
+    return PolicySpec(checkpoint=args.checkpoint, preset=None if args.checkpoint else args.preset,
+                      overrides=parse_overrides(args.set), encoders="stub", device=args.device, dtype=args.dtype,
+                      steps=mode_steps, num_frames=args.num_frames, image_size=tuple(args.image_size),
+                      cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs], threads=args.threads)
 
 
 def request(rng, policy, mode: str, batch: int) -> dict:
@@ -71,12 +72,15 @@ def main(argv=None) -> None:
 
     import time
 
-    from motus_fast.serve.cli import build_policy
+    from motus_fast.serve.build import build_policy
+    from motus_fast.serve.config import ServeConfig
     from motus_fast.serve.client import MotusClient
     from motus_fast.serve.schema import validate
     from motus_fast.serve.server import PolicyServer
 
-    policy, config, name = build_policy(serve_args(args, args.steps))
+    policy, config, name = build_policy(policy_spec(args, args.steps),
+                                        ServeConfig(port=0, max_message_bytes=256 * 2**20, max_batch=64,
+                                                    max_connections=4))
     engine = policy.engine
     rows = []
     running = PolicyServer(policy, config).start_in_thread() if args.loopback else None

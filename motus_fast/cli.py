@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import sys
+
+from motus_fast.config import add_config_args, config_from_args
 
 # modules that add sub-commands (each has register(subparsers))
 COMMAND_MODULES: list[str] = ["motus_fast.demo", "motus_fast.train.cli", "motus_fast.weights.assemble",
@@ -20,41 +21,21 @@ COMMAND_MODULES: list[str] = ["motus_fast.demo", "motus_fast.train.cli", "motus_
                               "motus_fast.latent_action.cli"]
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """["a.b=3", "c=foo"] -> {"a.b": 3, "c": "foo"} (values parsed as JSON when they are JSON)."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def add_config_args(p: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
-    p.add_argument("--preset", default=default_preset, help="model preset: tiny, small, motus-8b")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set action.dim=256 (repeatable)")
-
-
-def config_from_args(args):
-    from motus_fast.config import get_preset
-    return get_preset(args.preset).override(parse_overrides(args.set))
-
-
 def cmd_convert(args) -> None:
     import torch
 
     from motus_fast.weights import load_upstream, save_pretrained
+    from motus_fast.weights.native import VLM_FILE, load_vlm_weights, save_vlm_weights
     dtype = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     config = None
     if args.preset:
         config = config_from_args(args)
     model = load_upstream(args.from_upstream, config=config, dtype=dtype, upstream_config=args.upstream_config)
     save_pretrained(model, args.out)
+    vlm, where = load_vlm_weights(args.from_upstream)
+    if vlm:
+        save_vlm_weights(vlm, args.out)
+        print(f"kept the checkpoint's VLM weights ({len(vlm)} tensors from {where}) in {args.out}/{VLM_FILE}")
     counts = model.param_counts()
     print(f"converted {args.from_upstream} -> {args.out} "
           f"({', '.join(f'{k} {v / 1e6:.1f}M' for k, v in counts.items())}; dtype {model.video.head.weight.dtype})")

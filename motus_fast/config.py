@@ -222,3 +222,29 @@ def get_preset(name: str) -> MotusConfig:
         return PRESETS[name]
     except KeyError:
         raise KeyError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from None
+
+
+# ---- command-line helpers (every CLI overrides configs the same way) -------------------------------------------
+def parse_overrides(items: Optional[list[str]]) -> dict:
+    """["a.b=3", "c=foo"] -> {"a.b": 3, "c": "foo"} (values parsed as JSON when they are JSON)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def add_config_args(p, default_preset: str = "tiny") -> None:
+    """--preset and repeatable --set KEY=VALUE on an argparse parser."""
+    p.add_argument("--preset", default=default_preset, help="model preset: tiny, small, motus-8b")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set action.dim=256 (repeatable)")
+
+
+def config_from_args(args) -> MotusConfig:
+    return get_preset(args.preset).override(parse_overrides(args.set))

@@ -141,7 +141,7 @@ def _training_windows(data_root: Path, cfg: DemoConfig):
     from motus_fast.data.dataset import MotusDataset, compute_dataset_stats
     from motus_fast.data.norm import stats_to_json
     from motus_fast.flow import FlowBatch
-    from motus_fast.infer.encoders import PatchPCAEncoders
+    from motus_fast.encoders import PatchPCAEncoders
     from motus_fast.model import Conditioning
 
     model_cfg = get_preset("tiny").override(cfg.model_overrides())
@@ -176,7 +176,7 @@ def _training_windows(data_root: Path, cfg: DemoConfig):
 
 def _train(run_dir: Path, model_cfg, windows, steps: int, cfg: DemoConfig, encoders, extra: dict, video: bool):
     from motus_fast.config import TrainConfig
-    from motus_fast.infer.encoders import PatchPCAEncoders
+    from motus_fast.encoders import PatchPCAEncoders
     from motus_fast.train.checkpoint import latest_checkpoint
     from motus_fast.train.trainer import Trainer
 
@@ -250,7 +250,7 @@ def _imagine(out: Path, ckpt: Path, encoders, cfg: DemoConfig, render) -> dict:
     from motus_fast.data.metaworld import generate_demonstrations
     from motus_fast.data.norm import normalize, stats_from_json
     from motus_fast.flow import sample
-    from motus_fast.infer.engine import load_model
+    from motus_fast.weights.native import load_model
     from motus_fast.model import Conditioning
 
     model, extra = load_model(ckpt)
@@ -350,7 +350,7 @@ def _write_report(out: Path, report: dict, curves: dict) -> None:
     lines += ["", "## Time", "", "| phase | s |", "|---|---|"]
     lines += [f"| {k[:-2]} | {v:.0f} |" for k, v in report["timings_s"].items()]
     lines += ["", "Encoders: a patch-PCA autoencoder fitted to these frames stands in for the Wan2.2 VAE, and "
-              "deterministic stubs for umT5 and Qwen3-VL (no downloads); see motus_fast/infer/encoders.py.",
+              "deterministic stubs for umT5 and Qwen3-VL (no downloads); see motus_fast/encoders/.",
               "", "![report](report.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
 
@@ -365,7 +365,7 @@ def register(sub) -> None:
                    help="override a DemoConfig field, e.g. --set train_steps=2000")
 
     def run(args):
-        from motus_fast.cli import parse_overrides
+        from motus_fast.config import parse_overrides
         cfg = QUICK if args.quick else DemoConfig()
         over = parse_overrides(args.set)
         if "tasks" in over:

@@ -55,8 +55,8 @@ def cmd_stats(args) -> None:
 def cmd_encode_text(args) -> None:
     import torch
 
-    from motus_fast.cli import config_from_args
-    from motus_fast.data.encoders import build_text_encoder
+    from motus_fast.config import config_from_args
+    from motus_fast.encoders.registry import build_text_encoder
     from motus_fast.data.source import open_source
     from motus_fast.data.text_cache import build_text_cache
 
@@ -83,7 +83,7 @@ def cmd_encode_text(args) -> None:
 
 
 def register(sub) -> None:
-    from motus_fast.cli import add_config_args
+    from motus_fast.config import add_config_args
 
     p = sub.add_parser("stats", help="state/action normalisation statistics of datasets -> stats.json")
     _add_dataset_args(p)

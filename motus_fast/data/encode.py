@@ -11,7 +11,7 @@ one encode gives both, and ``FlowBatch.video[:, :, :1]`` is the condition latent
 
 Padding: upstream zero-pads umT5 states to ``text_len`` (512) and right-pads VLM tokens, and attends to every
 padding row. ``attend_padding=True`` (default) reproduces that (no lengths in ``Conditioning``);
-``attend_padding=False`` passes ``text_lens`` / ``vlm_lens`` so the model masks padding.
+an encoders bundle with ``attend_padding=False`` passes ``text_lens`` / ``vlm_lens`` so the model masks padding.
 
 ``latent_cache`` (a ``LatentCache``) keeps each window's latents on disk, keyed by the sample's ``video_id``.
 """
@@ -23,33 +23,20 @@ from typing import Optional
 import torch
 
 from motus_fast.data.dataset import RawBatch
-from motus_fast.data.encoders import Encoders, pixels_to_unit
+from motus_fast.encoders import Encoders, pad_text
 from motus_fast.flow import FlowBatch
 from motus_fast.model.mot import Conditioning
 
 Tensor = torch.Tensor
 
 
-def pad_text(states: list[Tensor], text_len: Optional[int]) -> tuple[Tensor, Tensor]:
-    """Per-sample [L_i, D] -> ([B, text_len or max L_i, D] zero-padded (longer ones truncated, as upstream), lens)."""
-    L = text_len if text_len is not None else max(s.shape[0] for s in states)
-    out = states[0].new_zeros(len(states), L, states[0].shape[1])
-    lens = torch.empty(len(states), dtype=torch.long)
-    for i, s in enumerate(states):
-        n = min(s.shape[0], L)
-        out[i, :n] = s[:n]
-        lens[i] = n
-    return out, lens
-
-
 class BatchEncoder:
-    """Runs the frozen encoders on a RawBatch. ``text_len``: pad/truncate umT5 states to this (upstream: the video
-    expert's text_len); ``device``/``dtype``: where the FlowBatch goes (the encoders must already be there)."""
+    """Runs the frozen encoders (any ``motus_fast.encoders.Encoders``) on a RawBatch. Padding and masking follow
+    the encoders (``text_len``, ``attend_padding``); ``device``/``dtype``: where the FlowBatch goes (the encoders
+    must already be there)."""
 
-    def __init__(self, encoders: Encoders, *, text_len: Optional[int] = None, device=None,
-                 dtype: torch.dtype = torch.float32, attend_padding: bool = True, latent_cache=None):
-        self.encoders, self.text_len = encoders, text_len
-        self.device, self.dtype, self.attend_padding = device, dtype, attend_padding
+    def __init__(self, encoders: Encoders, *, device=None, dtype: torch.dtype = torch.float32, latent_cache=None):
+        self.encoders, self.device, self.dtype = encoders, device, dtype
         self.latent_cache = latent_cache      # a LatentCache (optional)
 
     @torch.no_grad()
@@ -61,8 +48,7 @@ class BatchEncoder:
         todo = [i for i, c in enumerate(cached) if c is None]
         out: list[Optional[Tensor]] = [None if c is None else c.to(self.device) for c in cached]
         if todo:
-            video = pixels_to_unit(frames[todo].to(self.device, non_blocking=True).permute(0, 2, 1, 3, 4))
-            latents = self.encoders.vae.encode(video)
+            latents = self.encoders.encode_frames(frames[todo].permute(0, 1, 3, 4, 2)).to(self.device)
             for j, i in enumerate(todo):
                 out[i] = latents[j]
                 if cache:
@@ -70,34 +56,36 @@ class BatchEncoder:
         return torch.stack(out)
 
     @torch.no_grad()
-    def encode_text(self, raw: RawBatch) -> tuple[Tensor, Tensor]:
-        todo = [i for i, t in enumerate(raw.text) if t is None] if raw.text else list(range(len(raw)))
+    def encode_text(self, raw: RawBatch) -> tuple[Tensor, Optional[Tensor]]:
+        """umT5 states [B, L, D] (cached per sample in ``raw.text`` where present) and lengths (None: attended)."""
         states: list[Optional[Tensor]] = list(raw.text) if raw.text else [None] * len(raw)
+        todo = [i for i, s in enumerate(states) if s is None]
         if todo:
-            for i, s in zip(todo, self.encoders.text([raw.instructions[i] for i in todo])):
-                states[i] = s
+            text, lens = self.encoders.encode_prompts([raw.instructions[i] for i in todo])
+            for j, i in enumerate(todo):
+                states[i] = text[j] if lens is None else text[j, : int(lens[j])]
         states = [s.to(self.device, torch.float32) for s in states]
         widths = {s.shape[1] for s in states}
         if len(widths) != 1:
             raise ValueError(f"text states of one batch have widths {sorted(widths)} (a text cache or the "
                              "dataset's umt5_wan files from another encoder?)")
-        return pad_text(states, self.text_len)
+        text, lens = pad_text(states, self.encoders.text_len)
+        return text, None if self.encoders.attend_padding else lens.to(self.device)
 
     @torch.no_grad()
     def __call__(self, raw: RawBatch) -> FlowBatch:
         video = self.encode_video(raw.frames, raw.video_ids)
         text, text_lens = self.encode_text(raw)
         vlm = vlm_lens = None
-        if self.encoders.vlm is not None:
+        if self.encoders.vlm_dim is not None:
             if raw.vlm_inputs is None:
                 raise ValueError("the encoders have a VLM but the batch has no VLM inputs (build the datasets with "
-                                 "vlm_prompt=encoders.vlm.prompt)")
-            vlm, vlm_lens = self.encoders.vlm(raw.vlm_inputs)
+                                 "vlm_prompt=encoders.vlm_prompt)")
+            vlm, vlm_lens = self.encoders.encode_vlm(raw.vlm_inputs)
         dev, dt = self.device, self.dtype
         state = None if raw.state is None else raw.state.to(dev, dt)
         cond = Conditioning(text=text.to(dev, dt), vlm=None if vlm is None else vlm.to(dev, dt), state=state,
-                            text_lens=None if self.attend_padding else text_lens.to(dev),
-                            vlm_lens=None if self.attend_padding or vlm_lens is None else vlm_lens.to(dev))
+                            text_lens=text_lens, vlm_lens=None if vlm_lens is None else vlm_lens.to(dev))
         return FlowBatch(video=video.to(dev, dt), actions=raw.actions.to(dev, dt), cond=cond,
                          has_actions=raw.has_actions.to(dev))
 
@@ -106,12 +94,12 @@ class EncodedDataset(torch.utils.data.Dataset):
     """Wraps a dataset of ``Sample``s so each item is already a FlowBatch of batch size 1, encoded on the CPU in the
     DataLoader worker (for tiny encoders: CI, the demo, the stage smoke runs; real encoders belong on the device via
     ``collate`` + ``BatchEncoder``). Items collate with ``motus_fast.data.batch.collate_flow_batches``, which pads
-    text/VLM rows again and records their lengths (so leave ``text_len`` None there: no padding to attend).
+    text/VLM rows again and records their lengths (so give the encoders ``text_len=None``: no padding to attend).
     Keep ``num_workers`` small: each worker holds a copy of the encoders."""
 
-    def __init__(self, samples, encoders: Encoders, text_len: Optional[int] = None, attend_padding: bool = True):
+    def __init__(self, samples, encoders: Encoders):
         self.samples = samples
-        self.encoder = BatchEncoder(encoders, text_len=text_len, device="cpu", attend_padding=attend_padding)
+        self.encoder = BatchEncoder(encoders, device="cpu")
 
     def __len__(self) -> int:
         return len(self.samples)

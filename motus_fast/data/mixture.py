@@ -10,7 +10,7 @@ has *consumed* (not the ones prefetched by workers), and restarts from exactly t
 also on another world size (the global sample position is kept; a remainder of less than one global batch is
 skipped).
 
-    mixture = build_mixture(data_cfg, vlm_prompt=encoders.vlm.prompt if encoders.vlm else None)
+    mixture = build_mixture(data_cfg, vlm_prompt=encoders.vlm_prompt if encoders.vlm_dim else None)
     loader = ResumableLoader(mixture, batch_size=8, seed=0, rank=rank, world_size=world, num_workers=4)
     loader.load_state_dict(ckpt["data"])            # when resuming
     raw = next(loader)                               # RawBatch; BatchEncoder(encoders)(raw) -> FlowBatch
@@ -179,7 +179,7 @@ def build_mixture(cfg: DataConfig, stats: Optional[dict[str, DatasetStats]] = No
                   vlm_prompt=None) -> MixtureDataset:
     """All datasets of ``cfg`` as one mixture. ``stats``: per dataset name (default: read cfg.stats_path);
     ``text_cache``: a TextCache (default: open cfg.text_cache); ``vlm_prompt``: the VLM's per-sample prompt
-    builder (``encoders.vlm.prompt``), run in the workers."""
+    builder (``encoders.vlm_prompt``), run in the workers."""
     if stats is None and cfg.stats_path is not None:
         stats = load_stats(cfg.stats_path)
     if cfg.normalization != "none" and stats is None:

@@ -109,22 +109,14 @@ def checkpoint_policy(checkpoint: str, *, image_size: tuple[int, int] = (64, 64)
                       noise_seed: Optional[int] = None, threads: Optional[int] = None) -> ServedPolicy:
     """Our checkpoint in ``vla`` mode, in this process, built exactly as `motus-fast serve --checkpoint` builds it
     (engine, encoders, normalisation from the checkpoint's statistics)."""
-    import argparse
-    import importlib
-
     try:
-        serve_cli = importlib.import_module("motus_fast.serve.cli")
+        from motus_fast.serve.build import PolicySpec, build_policy
     except ImportError as e:
         raise EngineNotAvailable(
             f"evaluating --checkpoint {checkpoint} needs the inference engine and policy server "
             f"(motus_fast.infer, motus_fast.serve), which are not available ({e}); use --policy random or "
             "--policy scripted for a smoke run") from e
-    parser = argparse.ArgumentParser(prog="motus-fast")
-    serve_cli.register(parser.add_subparsers(dest="command"))
-    argv = ["serve", "--checkpoint", str(checkpoint), "--image-size", str(image_size[0]), str(image_size[1])]
-    if threads:
-        argv += ["--threads", str(threads)]
-    policy, _, _ = serve_cli.build_policy(parser.parse_args(argv))
+    policy, _, _ = build_policy(PolicySpec(checkpoint=str(checkpoint), image_size=tuple(image_size), threads=threads))
     return ServedPolicy(_InProcessServer(policy), steps=steps, noise_seed=noise_seed)
 
 

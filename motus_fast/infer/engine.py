@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_flatten
 from motus_fast.flow import MODES, SampleResult, check_and_draw_noise, sampling_grid, with_condition_frame
 from motus_fast.infer.cache import LRUCache
 from motus_fast.infer.chunking import PrefixGuidance, guide_velocity
-from motus_fast.infer.encoders import Encoders
+from motus_fast.encoders import Encoders
 from motus_fast.infer.graphs import DenoiseGraphs
 from motus_fast.infer.timing import NullTimer
 from motus_fast.model.mot import ConditionCache, Conditioning
@@ -116,6 +116,8 @@ class InferenceEngine:
     def from_checkpoint(cls, path: str | Path, encoders: Optional[Encoders] = None, *, device=None,
                         dtype: Optional[torch.dtype] = None, upstream_config=None, **kwargs) -> "InferenceEngine":
         """Our checkpoint directory (model.safetensors + config.json) or an official checkpoint (converted)."""
+        from motus_fast.weights.native import load_model
+
         model, _ = load_model(path, dtype=dtype, device=device, upstream_config=upstream_config)
         return cls(model, encoders, **kwargs)
 
@@ -316,22 +318,6 @@ class InferenceEngine:
             out["graphs"] = {"captures": self.graphs.captures, "replays": self.graphs.replays,
                              "eager_keys": len(self.graphs.failed)}
         return out
-
-
-def load_model(path: str | Path, *, dtype: Optional[torch.dtype] = None, device=None, upstream_config=None):
-    """Our checkpoint directory or an official checkpoint (converted on the fly) -> (model in eval mode, the
-    checkpoint's "extra" metadata: norm stats etc.; {} for an official checkpoint)."""
-    import json
-
-    from motus_fast.weights import load_pretrained, load_upstream
-
-    path = Path(path)
-    if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        model = load_pretrained(path, dtype=dtype, device=device)
-        extra = json.loads((path / "config.json").read_text()).get("extra", {})
-    else:
-        model, extra = load_upstream(path, dtype=dtype, upstream_config=upstream_config).to(device), {}
-    return model.eval(), extra
 
 
 def _digest(images: Tensor, prompts: Sequence[str]) -> bytes:

@@ -36,7 +36,7 @@ def _read_labels(root: str) -> dict:
 
 
 def cmd_train(args) -> None:
-    from motus_fast.cli import parse_overrides
+    from motus_fast.config import parse_overrides
     from motus_fast.latent_action.config import get_preset
     from motus_fast.latent_action.data import build_flow_clips
     from motus_fast.latent_action.frames import open_frame_source

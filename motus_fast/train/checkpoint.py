@@ -112,8 +112,3 @@ def load_checkpoint(path: str | Path, model, optimizer, ema=None) -> dict:
         ema.load_state_dict(state["ema"])
     train_state = json.loads((path / "train_state.json").read_text())
     return broadcast_object(train_state)
-
-
-def load_weights_file(path: str | Path, filename: str = "model.safetensors") -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    return load_file(str(Path(path) / filename))

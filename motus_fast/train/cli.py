@@ -26,9 +26,9 @@ def build_dataset(spec: str, model_cfg, stage: int, seed: int, encoders: str):
     data_cfg = DataConfig.from_dict(json.loads(path.read_text())).for_stage(stage)
     if encoders != "tiny":
         raise SystemExit(f"--encoders {encoders!r}: only `tiny` is wired into the trainer so far")
-    from motus_fast.data.encoders import build_tiny_encoders
+    from motus_fast.encoders import build_tiny_encoders
     enc = build_tiny_encoders(cfg, seed=seed, use_vlm=stage != 1)
-    mixture = build_mixture(data_cfg, vlm_prompt=enc.vlm.prompt if enc.vlm is not None else None)
+    mixture = build_mixture(data_cfg, vlm_prompt=enc.vlm_prompt if enc.vlm_dim is not None else None)
     dataset = EncodedDataset(MixtureView(mixture, seed=seed), enc)
     extra = {"norm_mode": data_cfg.normalization, "data": data_cfg.to_dict()}
     if data_cfg.stats_path:
@@ -38,7 +38,7 @@ def build_dataset(spec: str, model_cfg, stage: int, seed: int, encoders: str):
 
 
 def cmd_train(args) -> None:
-    from motus_fast.cli import config_from_args, parse_overrides
+    from motus_fast.config import config_from_args, parse_overrides
     from motus_fast.config import TrainConfig
     from motus_fast.train.distributed import shutdown
     from motus_fast.train.trainer import Trainer
@@ -54,7 +54,7 @@ def cmd_train(args) -> None:
 
 
 def register(sub) -> None:
-    from motus_fast.cli import add_config_args
+    from motus_fast.config import add_config_args
     p = sub.add_parser("train", help="train Motus (stage 1, 2 or 3); runs under torchrun for several processes")
     add_config_args(p, "tiny")
     p.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",

@@ -52,14 +52,11 @@ def trainable_parameter_names(model, stage: int) -> set[str]:
 def initial_weights(model, stage: int, source: str | Path) -> None:
     """Load the weights a stage starts from (a motus_fast checkpoint dir: model.safetensors + config.json) into an
     unsharded model, reporting what stays freshly initialised."""
-    from safetensors.torch import load_file
-
+    from motus_fast.weights.native import read_weights
     from motus_fast.weights.upstream import CheckpointError
 
     path = Path(source) / "model.safetensors"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found (init_from expects a motus_fast checkpoint directory)")
-    src = load_file(str(path))
+    src = read_weights(source)
     ours = model.state_dict()
     if stage == 2:        # from stage 1: the video expert only; action/und start fresh as upstream
         take = {k for k in src if k in ours and (k.startswith("video.") or ".video." in k)}

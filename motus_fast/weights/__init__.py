@@ -1,5 +1,6 @@
-"""Checkpoint I/O: our format (native) and converters from other formats (upstream Motus, Wan2.2, ...); the frozen
-backbones (Qwen3-VL, umT5, Wan VAE) load through ``motus_fast.weights.backbones`` (needs ``motus_fast[backbones]``)."""
+"""Checkpoint I/O: our format (native, its only reader and writer) and converters from other formats (upstream
+Motus incl. the VLM weights it carries, Wan2.2 video expert). The frozen encoders (Qwen3-VL, umT5, Wan VAE) load
+through ``motus_fast.encoders`` (needs ``motus_fast[backbones]``)."""
 
 from motus_fast.weights.mapping import CheckpointError
 from motus_fast.weights.native import load_pretrained, save_pretrained

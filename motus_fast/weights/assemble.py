@@ -21,8 +21,6 @@ records where they are (``config.json`` -> ``extra.backbones``) rather than copy
 from __future__ import annotations
 
 import dataclasses
-import gc
-import json
 import logging
 import math
 from pathlib import Path
@@ -155,21 +153,20 @@ def assemble(wan: str | Path, vlm: str | Path, t5: str | Path, vae: str | Path, 
              progress: bool = True) -> Path:
     """Build the stage-1/2 checkpoint in `out` (our format: ``model.safetensors`` + ``config.json``) from the
     Wan, Qwen3-VL, umT5 and Wan-VAE folders. Returns `out`."""
-    from motus_fast.weights.backbones import load_qwen3_vl, load_umt5, load_wan_vae, summary
-    from motus_fast.weights.native import FORMAT
-    from motus_fast.weights.sources import write_safetensors
+    from motus_fast.encoders.load import describe_qwen3_vl, describe_umt5, describe_vae
+    from motus_fast.weights.native import save_state_dict
     from motus_fast.weights.wan import locate_wan
 
     base = base or MotusConfig()
     ckpt = locate_wan(wan)
     backbones = {"wan": {"path": str(Path(wan).resolve()), "layout": ckpt.layout}}
-    # the backbones first: they decide the und adapter's input width, and a bad path fails before the Wan load
-    for kind, path, loader in (("vlm", vlm, load_qwen3_vl), ("t5", t5, load_umt5), ("vae", vae, load_wan_vae)):
+    # the backbones first (headers and configs only): they decide the und adapter's input width, and a bad path
+    # fails before the Wan load
+    for kind, path, describe in (("vlm", vlm, describe_qwen3_vl), ("t5", t5, describe_umt5), ("vae", vae, describe_vae)):
         log.info("checking the %s backbone at %s", kind, path)
-        m = loader(path, dtype=torch.bfloat16)
-        backbones[kind] = summary(kind, path, m)
-        del m
-        gc.collect()
+        info = describe(path)
+        info.pop("problems", None)          # a missing tokenizer matters for serving (motus-fast check), not here
+        backbones[kind] = info
     if backbones["vlm"]["hidden_size"] != base.und.vlm_dim:
         log.info("und adapter input width set to the VLM's hidden size %d", backbones["vlm"]["hidden_size"])
         base = dataclasses.replace(base, und=dataclasses.replace(base.und, vlm_dim=backbones["vlm"]["hidden_size"]))
@@ -181,14 +178,9 @@ def assemble(wan: str | Path, vlm: str | Path, t5: str | Path, vae: str | Path, 
                               f"takes {ckpt.video.in_channels} ({ckpt.config_path})")
 
     model = motus_from_wan(wan, base, dtype, torch.Generator().manual_seed(seed), progress)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out / "model.safetensors", model.state_dict(), dtype, metadata={"format": FORMAT},
-                      progress="write" if progress else None)
     extra = {"backbones": backbones,
              "init": {"video": "wan", "action": "upstream", "und": "upstream", "seed": seed}}
-    meta = {"format": FORMAT, "config": model.cfg.to_dict(), "extra": extra}
-    (out / "config.json").write_text(json.dumps(meta, indent=2))
+    out = save_state_dict(model.state_dict(), model.cfg, out, dtype, extra, progress="write" if progress else None)
     counts = model.param_counts()
     log.info("wrote %s (%s)", out, ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in counts.items()))
     return out
@@ -219,7 +211,7 @@ def register(subparsers) -> None:
 
 
 def _cmd_init(args) -> None:
-    from motus_fast.cli import config_from_args
+    from motus_fast.config import config_from_args
     out = assemble(args.wan, args.vlm, args.t5, args.vae, args.out, base=config_from_args(args),
                    dtype=DTYPES[args.dtype], seed=args.seed)
     print(f"wrote {out}/model.safetensors and {out}/config.json")

@@ -1,6 +1,8 @@
-"""Our checkpoint format: a directory with ``model.safetensors`` (our key names) and ``config.json`` (MotusConfig).
+"""Our checkpoint format: a directory with ``model.safetensors`` (our key names) and ``config.json`` (MotusConfig
+plus "extra" metadata: norm stats, serving hints, backbones). This module alone reads and writes it.
 
 Loading is strict: missing, unexpected or mis-shaped tensors raise ``CheckpointError`` naming them.
+``load_model`` also takes an official Motus checkpoint (converted on the fly by ``weights.upstream``).
 """
 
 from __future__ import annotations
@@ -24,15 +26,14 @@ def save_pretrained(model, out_dir: str | Path, dtype: Optional[torch.dtype] = N
 
 
 def save_state_dict(state_dict: dict, cfg: MotusConfig, out_dir: str | Path, dtype: Optional[torch.dtype] = None,
-                    extra: Optional[dict] = None, filename: str = "model.safetensors"):
-    """save_pretrained for a state dict we already hold (e.g. gathered from FSDP shards)."""
-    from safetensors.torch import save_file
+                    extra: Optional[dict] = None, filename: str = "model.safetensors", progress: Optional[str] = None):
+    """save_pretrained for a state dict we already hold (e.g. gathered from FSDP shards). Streams tensor by tensor
+    (no second copy of the weights) and writes config.json last."""
+    from motus_fast.weights.sources import write_safetensors
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
-          for k, v in state_dict.items()}
-    save_file(sd, str(out / filename), metadata={"format": FORMAT})
+    write_safetensors(out / filename, state_dict, dtype, metadata={"format": FORMAT}, progress=progress)
     meta = {"format": FORMAT, "config": cfg.to_dict()}
     if extra:
         meta["extra"] = extra
@@ -57,19 +58,34 @@ def load_config(ckpt_dir: str | Path) -> MotusConfig:
     return MotusConfig.from_dict(meta["config"])
 
 
-def load_pretrained(ckpt_dir: str | Path, dtype: Optional[torch.dtype] = None, device=None):
-    """Build our Motus from a motus_fast checkpoint directory (strict)."""
+def is_checkpoint_dir(path: str | Path) -> bool:
+    """Whether `path` is one of our checkpoint directories (else: an official checkpoint, or nothing)."""
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file() and (p / "model.safetensors").is_file()
+
+
+def read_weights(ckpt_dir: str | Path, device=None) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint directory's model.safetensors, by our key names."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    path = Path(ckpt_dir) / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found (a motus_fast checkpoint directory has config.json and "
+                              "model.safetensors)")
+    try:
+        return load_file(str(path), device=str(device or "cpu"))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({e})") from e
+
+
+def load_pretrained(ckpt_dir: str | Path, dtype: Optional[torch.dtype] = None, device=None):
+    """Build our Motus from a motus_fast checkpoint directory (strict)."""
     from motus_fast.model import Motus
 
     cfg = load_config(ckpt_dir)
     path = Path(ckpt_dir) / "model.safetensors"
-    try:
-        sd = load_file(str(path), device=str(device or "cpu"))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: cannot be read ({e})") from e
+    sd = read_weights(ckpt_dir, device)
     with torch.device("meta"):
         model = Motus(cfg)
     expected = model.state_dict()
@@ -84,3 +100,41 @@ def load_pretrained(ckpt_dir: str | Path, dtype: Optional[torch.dtype] = None, d
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     return model
+
+
+VLM_FILE = "vlm.safetensors"
+
+
+def save_vlm_weights(tensors: dict[str, torch.Tensor], ckpt_dir: str | Path, progress: Optional[str] = None) -> Path:
+    """The frozen VLM a checkpoint was trained with, beside its model (transformers key names)."""
+    from motus_fast.weights.sources import write_safetensors
+
+    return write_safetensors(Path(ckpt_dir) / VLM_FILE, tensors, metadata={"format": FORMAT, "kind": "qwen3_vl"},
+                             progress=progress)
+
+
+def load_vlm_weights(path: str | Path) -> tuple[Optional[dict[str, torch.Tensor]], str]:
+    """The VLM weights a checkpoint carries, and where they are: our directory's vlm.safetensors, or an official
+    checkpoint's ``vlm_model.*`` tensors. (None, "") when it carries none."""
+    from motus_fast.weights.upstream import read_checkpoint, upstream_vlm_state_dict
+
+    if is_checkpoint_dir(path):
+        f = Path(path) / VLM_FILE
+        if not f.is_file():
+            return None, ""
+        from motus_fast.weights.sources import open_weights
+        with open_weights(f) as src:
+            return {k: src.load(k) for k in src.keys()}, str(f)
+    vlm = upstream_vlm_state_dict(read_checkpoint(path), str(path))
+    return (vlm or None), (f"{path} (vlm_model.*)" if vlm else "")
+
+
+def load_model(path: str | Path, *, dtype: Optional[torch.dtype] = None, device=None, upstream_config=None):
+    """Our checkpoint directory or an official checkpoint (converted on the fly) -> (model in eval mode, the
+    checkpoint's "extra" metadata: norm stats etc.; {} for an official checkpoint)."""
+    from motus_fast.weights.upstream import load_upstream
+
+    if is_checkpoint_dir(path):
+        return load_pretrained(path, dtype=dtype, device=device).eval(), load_extra(path)
+    model = load_upstream(path, dtype=dtype, upstream_config=upstream_config)
+    return model.to(device).eval(), {}

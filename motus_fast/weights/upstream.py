@@ -102,6 +102,22 @@ def canonical_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
+def upstream_vlm_state_dict(sd: dict[str, torch.Tensor], name: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The frozen Qwen3-VL an official checkpoint carries (``vlm_model.*`` and its alias prefixes), by transformers'
+    ``Qwen3VLForConditionalGeneration`` key names; aliases must hold the same tensor. {} when there is none."""
+    out: dict[str, torch.Tensor] = {}
+    for prefix in VLM_PREFIXES:          # the owner first: aliases are checked against it
+        for key, t in sd.items():
+            if not key.startswith(prefix):
+                continue
+            k = key[len(prefix):]
+            if k not in out:
+                out[k] = t
+            elif out[k].data_ptr() != t.data_ptr() and (out[k].shape != t.shape or not torch.equal(out[k], t)):
+                raise CheckpointError(f"{name}: {key!r} holds a different tensor than {VLM_PREFIXES[0] + k!r}")
+    return out
+
+
 # ---- the key map -----------------------------------------------------------------------------------------
 def key_map(cfg: MotusConfig) -> list[Rule]:
     """Every parameter/buffer of our model and the upstream key(s) it comes from."""
@@ -197,6 +213,23 @@ def infer_config(sd: dict[str, torch.Tensor], base: Optional[MotusConfig] = None
 
 
 # ---- entry points ----------------------------------------------------------------------------------------
+def header_config(path: str | Path, upstream_config: Optional[str | Path | dict] = None):
+    """What an official checkpoint holds, without converting it: (MotusConfig, Motus parameter count, stored
+    dtypes, number of VLM tensors). Tensors are memory-mapped, not read."""
+    raw = read_checkpoint(path)
+    n_vlm = sum(1 for k in raw if k.startswith(VLM_PREFIXES))
+    sd = canonical_state_dict(raw)
+    if upstream_config is not None:
+        if not isinstance(upstream_config, dict):
+            upstream_config = json.loads(Path(upstream_config).read_text())
+        cfg = config_from_upstream_json(upstream_config)
+    else:
+        cfg = infer_config(sd)
+    n = sum(t.numel() for t in sd.values())
+    dtypes = "/".join(sorted({str(t.dtype).removeprefix("torch.") for t in sd.values()}))
+    return cfg, n, dtypes, n_vlm
+
+
 def load_upstream(path: str | Path, config: Optional[MotusConfig] = None, dtype: Optional[torch.dtype] = None,
                   upstream_config: Optional[str | Path | dict] = None):
     """Build a Motus from an official checkpoint. The config comes from `config`, else from `upstream_config`

@@ -6,8 +6,9 @@ import torch
 
 from motus_fast.config import get_preset
 from motus_fast.data.dataset import collate
-from motus_fast.data.encode import BatchEncoder, EncodedDataset, pad_text
-from motus_fast.data.encoders import build_tiny_encoders, build_text_encoder
+from motus_fast.data.encode import BatchEncoder, EncodedDataset
+from motus_fast.encoders import FrozenEncoders, build_tiny_encoders, pad_text
+from motus_fast.encoders.registry import build_text_encoder
 from motus_fast.data.mixture import MixtureView, ResumableLoader, build_mixture
 from motus_fast.data.text_cache import TextCache, build_text_cache
 from motus_fast.data.tiny import tiny_pyramid
@@ -19,7 +20,7 @@ CFG = get_preset("tiny")
 
 @pytest.fixture(scope="module")
 def encoders():
-    return build_tiny_encoders(CFG, seed=0)
+    return build_tiny_encoders(CFG, seed=0, text_len=CFG.video.text_len)
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +72,9 @@ def test_stage_batches_train(encoders, stage_cfgs, stage):
     from motus_fast.model import Motus
 
     cfg = stage_cfgs[stage]
-    mix = build_mixture(cfg, vlm_prompt=encoders.vlm.prompt)
+    mix = build_mixture(cfg, vlm_prompt=encoders.vlm_prompt)
     raw = next(ResumableLoader(mix, batch_size=2, seed=stage))
-    fb = BatchEncoder(encoders, text_len=CFG.video.text_len)(raw)
+    fb = BatchEncoder(encoders)(raw)
     assert fb.video.shape == (2, CFG.video.in_channels, 3, 4, 4)
     assert fb.actions.shape == (2, 16, 14) and fb.cond.text.shape == (2, CFG.video.text_len, CFG.video.text_dim)
     assert fb.cond.vlm.shape[::2] == (2, CFG.und.vlm_dim) and fb.cond.text_lens is None
@@ -110,25 +111,24 @@ def test_text_cache_is_used(encoders, stage_cfgs, tmp_path):
             calls.append(list(texts))
             return encoders.text(texts)
 
-    class NoVLM:
-        vae, text, vlm = encoders.vae, Counting(), None
-
-    fb = BatchEncoder(NoVLM, attend_padding=False)(raw)
+    fb = BatchEncoder(FrozenEncoders(encoders.vae, Counting(), None, text_len=CFG.video.text_len,
+                                     attend_padding=False))(raw)
     assert calls == [] and fb.cond.vlm is None
     direct = encoders.text(raw.instructions)
     assert fb.cond.text_lens.tolist() == [d.shape[0] for d in direct]
     for i, d in enumerate(direct):
         torch.testing.assert_close(fb.cond.text[i, : d.shape[0]], d)
     raw.text = [None, raw.text[1]]
-    BatchEncoder(NoVLM)(raw)
+    BatchEncoder(FrozenEncoders(encoders.vae, Counting(), None, text_len=CFG.video.text_len))(raw)
     assert calls == [[raw.instructions[0]]]
 
 
 def test_encoded_dataset_collates_for_the_trainer(encoders, stage_cfgs):
     from motus_fast.data.batch import collate_flow_batches
 
-    mix = build_mixture(stage_cfgs[3], vlm_prompt=encoders.vlm.prompt)
-    ds = EncodedDataset(MixtureView(mix, seed=0, size=4), encoders)
+    mix = build_mixture(stage_cfgs[3], vlm_prompt=encoders.vlm_prompt)
+    per_sample = FrozenEncoders(encoders.vae, encoders.text, encoders.vlm)     # text_len None: no padding rows
+    ds = EncodedDataset(MixtureView(mix, seed=0, size=4), per_sample)
     fb = collate_flow_batches([ds[0], ds[1]])
     assert fb.video.shape[0] == 2 and fb.cond.text_lens is not None and fb.cond.vlm_lens is not None
     assert build_text_encoder("tiny", CFG).dim == CFG.video.text_dim
@@ -142,7 +142,8 @@ def test_chat_prompt_with_a_tokenizer(encoders):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from motus_fast.data.encoders import TINY_QWEN_IDS, Qwen3VLChatPrompt
+    from motus_fast.encoders.qwen3_vl import Qwen3VLChatPrompt
+    from motus_fast.encoders.tiny import TINY_QWEN_IDS
 
     words = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>", "user", "assistant", "pick", "the", "cube"]
     vocab = {w: i for i, w in enumerate(words)}
@@ -176,16 +177,20 @@ def test_latent_cache(encoders, stage_cfgs, tmp_path):
     raw = collate([mix[(0, 0)], mix[(3, 0)]])
     calls = []
 
-    class CountingVAE:
+    class CountingVAE(torch.nn.Module):
+        temporal_stride, spatial_stride = encoders.vae.temporal_stride, encoders.vae.spatial_stride
+        latent_channels = encoders.vae.latent_channels
+
+        def __init__(self):
+            super().__init__()
+            self.inner = encoders.vae
+
         def encode(self, video):
             calls.append(video.shape[0])
-            return encoders.vae.encode(video)
-
-    class Enc:
-        vae, text, vlm = CountingVAE(), encoders.text, None
+            return self.inner.encode(video)
 
     cache = LatentCache(tmp_path / "lat", tag="tiny-vae")
-    be = BatchEncoder(Enc, latent_cache=cache)
+    be = BatchEncoder(FrozenEncoders(CountingVAE(), encoders.text, None), latent_cache=cache)
     first = be.encode_video(raw.frames, raw.video_ids)
     again = be.encode_video(raw.frames, raw.video_ids)
     assert calls == [2] and torch.equal(first, again)

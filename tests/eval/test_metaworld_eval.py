@@ -130,19 +130,15 @@ def test_cli_checkpoint_runs_the_engine(tiny_checkpoint, tmp_path):
 def test_served_policy_over_websocket(tiny_checkpoint, tmp_path):
     """The closed loop through `motus-fast serve`'s stack and the websocket client; a fixed noise seed
     reproduces the rollout exactly, another seed changes it."""
-    import argparse
-
     from motus_fast.cli import main
     from motus_fast.eval.metaworld import ServedPolicy
-    from motus_fast.serve import cli as serve_cli
+    from motus_fast.serve.build import PolicySpec, build_policy
+    from motus_fast.serve.config import ServeConfig
     from motus_fast.serve.client import MotusClient
     from motus_fast.serve.server import PolicyServer
 
-    parser = argparse.ArgumentParser()
-    serve_cli.register(parser.add_subparsers(dest="command"))
-    policy, config, _ = serve_cli.build_policy(parser.parse_args(
-        ["serve", "--checkpoint", str(tiny_checkpoint), "--port", "0", "--steps", "2", "--threads", "1",
-         "--image-size", "64", "64"]))
+    policy, config, _ = build_policy(PolicySpec(checkpoint=str(tiny_checkpoint), steps=2, threads=1,
+                                                image_size=(64, 64)), ServeConfig(port=0))
     runs, out = [], tmp_path / "eval.json"
     with PolicyServer(policy, config).start_in_thread() as running, MotusClient("127.0.0.1", running.port) as client:
         assert client.metadata["image_shape"] == [64, 64, 3]

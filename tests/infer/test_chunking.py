@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from motus_fast.infer import InferenceEngine, PrefixGuidance, StubEncoders, rtc_weights
+from motus_fast.encoders import StubEncoders
+from motus_fast.infer import InferenceEngine, PrefixGuidance, rtc_weights
 from motus_fast.infer.chunking import guide_velocity
 from motus_fast.model import Conditioning
 

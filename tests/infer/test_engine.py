@@ -9,7 +9,8 @@ import torch
 
 from motus_fast.config import get_preset
 from motus_fast.flow import MODES, sample
-from motus_fast.infer import InferenceEngine, StubEncoders
+from motus_fast.encoders import StubEncoders
+from motus_fast.infer import InferenceEngine
 from motus_fast.infer.graphs import DenoiseGraphs
 from motus_fast.model import Conditioning, Motus
 
@@ -201,7 +202,7 @@ def test_cuda_graph_equals_eager(tiny_fixture, mode, monkeypatch):
 
 
 def test_from_checkpoint_loads_ours_and_official(tiny_model, tiny_fixture, tmp_path):
-    from motus_fast.infer.engine import load_model
+    from motus_fast.weights.native import load_model
     from motus_fast.weights import save_pretrained
     save_pretrained(tiny_model, tmp_path / "ours", extra={"norm_mode": "none"})
     official = InferenceEngine.from_checkpoint(tiny_fixture["dir"] / "model.safetensors",

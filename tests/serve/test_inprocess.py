@@ -9,7 +9,8 @@ import websockets.sync.client
 from websockets.exceptions import InvalidStatus
 
 from motus_fast.config import get_preset
-from motus_fast.infer import InferenceEngine, StubEncoders
+from motus_fast.encoders import StubEncoders
+from motus_fast.infer import InferenceEngine
 from motus_fast.model import Motus
 from motus_fast.serve.client import MotusClient, healthz
 from motus_fast.serve.config import ServeConfig

@@ -24,7 +24,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from motus_fast.data.norm import DatasetStats, FeatureStats, normalize, stats_to_json, unnormalize
 from motus_fast.flow import sample
-from motus_fast.infer import StubEncoders
+from motus_fast.encoders import StubEncoders
 from motus_fast.model import Conditioning
 from motus_fast.serve import wire
 from motus_fast.serve.broker import ActionChunkBroker

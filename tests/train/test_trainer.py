@@ -167,18 +167,18 @@ def test_raw_batches_encoded_on_the_training_device(tmp_path):
     """The GPU data path: the loader yields RawBatches (uint8 frames), the frozen encoders run in batch_transform."""
     from motus_fast.data.dataset import collate
     from motus_fast.data.encode import BatchEncoder
-    from motus_fast.data.encoders import build_tiny_encoders
+    from motus_fast.encoders import build_tiny_encoders
     from motus_fast.data.mixture import MixtureView, build_mixture
     from motus_fast.data.tiny import tiny_pyramid
 
     data = tiny_pyramid(tmp_path / "data")[3]
     base = get_preset("tiny")
-    enc = build_tiny_encoders(base)
-    view = MixtureView(build_mixture(data, vlm_prompt=enc.vlm.prompt))
+    enc = build_tiny_encoders(base, text_len=base.video.text_len)
+    view = MixtureView(build_mixture(data, vlm_prompt=enc.vlm_prompt))
     cfg = TrainConfig(stage=3, steps=2, batch_size=2, param_dtype="fp32", logger="jsonl", save_every=2,
                       warmup_steps=1, activation_checkpointing=False)
     recs = Trainer(base, cfg, view, tmp_path / "run", collate_fn=collate, progress=False,
-                   batch_transform=BatchEncoder(enc, text_len=base.video.text_len)).run()
+                   batch_transform=BatchEncoder(enc)).run()
     assert len(recs) == 2 and all(r["loss_action"] > 0 and r["loss_video"] > 0 for r in recs)
 
 

@@ -12,10 +12,9 @@ from safetensors.torch import load_file, save_file
 from motus_fast.cli import main as cli_main
 from motus_fast.config import get_preset
 from motus_fast.model import Conditioning, Motus
-from motus_fast.model.vlm import VLMFeatureExtractor
+from motus_fast.encoders import VLMFeatureExtractor, WanVAE, load_encoders, load_qwen3_vl, load_umt5, load_wan_vae
 from motus_fast.weights import CheckpointError, load_pretrained
 from motus_fast.weights.assemble import fresh_experts_like_upstream, motus_from_wan
-from motus_fast.weights.backbones import load_qwen3_vl, load_umt5, load_vlm_extractor, load_wan_vae, umt5_features
 from motus_fast.weights.wan import is_video_key
 from tiny_backbones import randomize_, rel_l2, tiny_wan_diffusers
 
@@ -96,7 +95,7 @@ def test_qwen3_vl_loads_frozen_eval_in_dtype(qwen):
 
 @pytest.fixture(scope="module")
 def extractor(qwen):
-    ex = load_vlm_extractor(qwen["dir"], torch.float32)
+    ex = VLMFeatureExtractor(load_qwen3_vl(qwen["dir"], torch.float32))
     assert isinstance(ex, VLMFeatureExtractor)
     return ex
 
@@ -198,12 +197,10 @@ def test_umt5_loads_frozen_eval_and_encodes_like_transformers(umt5):
     assert not enc.training and not any(p.requires_grad for p in enc.parameters())
     ids = torch.tensor([[5, 9, 23, 7, 1, 0, 0], [3, 4, 5, 6, 7, 8, 1]])
     mask = (torch.arange(7) < torch.tensor([[5], [7]])).long()
-    ctx, lens = umt5_features(enc, ids, mask)
     with torch.no_grad():
+        ctx = enc(input_ids=ids, attention_mask=mask).last_hidden_state
         want = umt5["model"](input_ids=ids, attention_mask=mask).last_hidden_state
-    assert lens.tolist() == [5, 7]
     assert rel_l2(ctx[0, :5], want[0, :5]) <= 1e-6 and rel_l2(ctx[1], want[1]) <= 1e-6
-    assert torch.equal(ctx[0, 5:], torch.zeros_like(ctx[0, 5:]))   # Wan zero-pads after the prompt
     assert {p.dtype for p in load_umt5(umt5["dir"], torch.bfloat16).parameters()} == {torch.bfloat16}
 
 
@@ -280,10 +277,11 @@ def test_vae_loads_frozen_eval_in_dtype_and_encodes_identically(vae):
     assert {p.dtype for p in load_wan_vae(vae["dir"], torch.bfloat16, progress=False).parameters()} == {torch.bfloat16}
 
 
-def test_original_vae_pth_is_refused_by_name(tmp_path):
+def test_broken_original_vae_pth_is_named(tmp_path):
     (tmp_path / "Wan2.2_VAE.pth").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="vae/"):
-        load_wan_vae(tmp_path / "Wan2.2_VAE.pth")
+    with pytest.raises(CheckpointError, match="truncated") as err:
+        load_wan_vae(tmp_path)                              # a release folder: its Wan2.2_VAE.pth
+    assert "Wan2.2_VAE.pth" in str(err.value)
 
 
 def test_vae_wrong_shape_names_key_and_file(vae, tmp_path):
@@ -322,15 +320,14 @@ def test_frozen_encoders_load_from_folders_and_match_the_models(qwen, umt5, vae,
     import numpy as np
     from transformers import Qwen2VLImageProcessorPil
 
-    from motus_fast.data.encoders import Qwen3VLChatPrompt, WanVAE
-    from motus_fast.infer import FrozenEncoders
-    from motus_fast.weights.backbones import load_frozen_encoders
+    from motus_fast.encoders.qwen3_vl import Qwen3VLChatPrompt
 
     words = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>", "user", "assistant", "pick", "the", "cube", "open"]
     pipeline = tmp_path / "wan_pipeline"
     shutil.copytree(umt5["root"], pipeline)
-    with pytest.raises(CheckpointError, match="no umT5 tokenizer found"):
-        load_frozen_encoders(vae["dir"], pipeline, qwen["dir"], dtype=torch.float32, progress=False)
+    shutil.copytree(vae["dir"], pipeline / "vae")
+    with pytest.raises(CheckpointError, match="no umT5 tokenizer"):
+        load_encoders(pipeline, qwen["dir"], dtype=torch.float32, progress=False)
     t5_tok = word_tokenizer(words)
     t5_tok.save_pretrained(pipeline / "tokenizer")                              # the diffusers pipeline layout
     qwen_dir = tmp_path / "qwen3_vl"
@@ -343,7 +340,7 @@ def test_frozen_encoders_load_from_folders_and_match_the_models(qwen, umt5, vae,
                                       max_pixels=64 * 64, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     improc.save_pretrained(qwen_dir)
 
-    enc = load_frozen_encoders(vae["dir"], pipeline, qwen_dir, dtype=torch.float32, progress=False)
+    enc = load_encoders(pipeline, qwen_dir, dtype=torch.float32, text_len=8, progress=False)
     prompts = ["pick the cube", "open"]
     tok = t5_tok(prompts, padding=True, return_tensors="pt")
     want = umt5["model"](**tok).last_hidden_state
@@ -362,8 +359,7 @@ def test_frozen_encoders_load_from_folders_and_match_the_models(qwen, umt5, vae,
 
     clip = torch.rand(1, 3, 5, 64, 64) * 2 - 1
     assert torch.equal(enc.vae.encode(clip), WanVAE(vae["model"]).encode(clip))
-    served = FrozenEncoders(enc, (64, 64), text_len=8)
-    assert served.encode_prompts(prompts)[0].shape == (2, 8, 32) and served.frame_stride == 4
+    assert enc.encode_prompts(prompts)[0].shape == (2, 8, 32) and enc.frame_stride == 4
 
 
 def test_fresh_experts_follow_upstream_init():

@@ -1,5 +1,6 @@
-"""FrozenEncoders (serving) must hand the model exactly what training's BatchEncoder gave it: the same latents,
-umT5 states and VLM features, with padding attended or masked the same way; and the engine runs on them."""
+"""One preprocessing path: what serving gets from FrozenEncoders is exactly what training's BatchEncoder gave the
+model (the same latents, umT5 states and VLM features, padding attended or masked the same way); and the engine
+runs on them."""
 
 import pytest
 import torch
@@ -7,9 +8,9 @@ import torch
 from motus_fast.config import get_preset
 from motus_fast.data.dataset import RawBatch
 from motus_fast.data.encode import BatchEncoder
-from motus_fast.data.encoders import build_tiny_encoders
+from motus_fast.encoders import FrozenEncoders, build_tiny_encoders
 from motus_fast.flow import sample
-from motus_fast.infer import FrozenEncoders, InferenceEngine
+from motus_fast.infer import InferenceEngine
 from motus_fast.model import Conditioning, Motus
 
 CFG = get_preset("tiny")
@@ -18,7 +19,7 @@ PROMPTS = ["pick up the red cube", "open the drawer, then stop"]
 
 @pytest.fixture(scope="module")
 def encoders():
-    return build_tiny_encoders(CFG, seed=0)
+    return build_tiny_encoders(CFG, seed=0, text_len=CFG.video.text_len, image_size=(64, 64))
 
 
 def raw_batch(encoders, frames):
@@ -26,7 +27,7 @@ def raw_batch(encoders, frames):
     B = frames.shape[0]
     return RawBatch(frames=frames.permute(0, 1, 4, 2, 3).contiguous(), actions=torch.zeros(B, 16, 14), state=None,
                     has_actions=torch.ones(B, dtype=torch.bool), instructions=PROMPTS[:B], keys=["k"] * B,
-                    levels=["l"] * B, vlm_inputs=[encoders.vlm.prompt(f[0].numpy(), p)
+                    levels=["l"] * B, vlm_inputs=[encoders.vlm_prompt(f[0].numpy(), p)
                                                   for f, p in zip(frames, PROMPTS)])
 
 
@@ -34,9 +35,9 @@ def raw_batch(encoders, frames):
 def test_serving_inputs_equal_training_inputs(encoders, attend_padding):
     g = torch.Generator().manual_seed(1)
     frames = torch.randint(0, 256, (2, 9, 64, 64, 3), dtype=torch.uint8, generator=g)
-    trained = BatchEncoder(encoders, text_len=CFG.video.text_len, attend_padding=attend_padding)(
-        raw_batch(encoders, frames))
-    served = FrozenEncoders(encoders, (64, 64), CFG.video.text_len, attend_padding=attend_padding)
+    served = FrozenEncoders(encoders.vae, encoders.text, encoders.vlm, text_len=CFG.video.text_len,
+                            image_size=(64, 64), attend_padding=attend_padding)
+    trained = BatchEncoder(served)(raw_batch(encoders, frames))
 
     assert torch.equal(served.encode_frames(frames), trained.video)
     text, text_lens = served.encode_prompts(PROMPTS)
@@ -58,7 +59,8 @@ def test_engine_runs_on_frozen_encoders(encoders):
     """Images + prompts through FrozenEncoders and the engine == the plain sampler on the encoders' outputs."""
     torch.manual_seed(0)
     model = Motus(CFG).eval()
-    enc = FrozenEncoders(encoders, (64, 64), CFG.video.text_len, attend_padding=False)
+    enc = FrozenEncoders(encoders.vae, encoders.text, encoders.vlm, text_len=CFG.video.text_len,
+                         image_size=(64, 64), attend_padding=False)
     engine = InferenceEngine(model, enc)
     g = torch.Generator().manual_seed(2)
     images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8, generator=g)
@@ -75,10 +77,12 @@ def test_engine_runs_on_frozen_encoders(encoders):
     assert torch.equal(out.actions, ref.actions)
 
 
-def test_rejects_what_it_cannot_serve(encoders):
-    from motus_fast.data.encoders import Encoders
-
-    with pytest.raises(ValueError, match="needs a VLM"):
-        FrozenEncoders(Encoders(vae=encoders.vae, text=encoders.text), (64, 64), CFG.video.text_len)
+def test_rejects_what_it_cannot_encode(encoders):
+    no_vlm = FrozenEncoders(encoders.vae, encoders.text, None)
+    assert no_vlm.vlm_dim is None
+    with pytest.raises(ValueError, match="no VLM"):
+        no_vlm.vlm_features(torch.zeros(1, 64, 64, 3, dtype=torch.uint8), ["x"])
     with pytest.raises(ValueError, match="spatial stride 16"):
-        FrozenEncoders(encoders, (64, 40), CFG.video.text_len)
+        FrozenEncoders(encoders.vae, encoders.text, encoders.vlm, image_size=(64, 40))
+    with pytest.raises(ValueError, match="these encoders take"):
+        encoders.encode_frames(torch.zeros(1, 1, 32, 32, 3, dtype=torch.uint8))

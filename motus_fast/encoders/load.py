@@ -1,0 +1,151 @@
+"""The real encoders from the folders users download: which files a Wan2.2 folder holds (either public layout),
+what each component is (read from headers and configs only, for ``motus-fast check``), and ``load_encoders``.
+
+Layouts of Wan2.2-TI2V-5B:
+- original release: ``Wan2.2_VAE.pth``, ``models_t5_umt5-xxl-enc-bf16.pth``, ``google/umt5-xxl/`` (tokenizer), plus
+  the transformer's ``config.json`` + sharded safetensors;
+- diffusers: ``model_index.json``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``transformer/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+
+from motus_fast.encoders.files import component_dir, is_torch_file, parameter_count, read_json
+from motus_fast.encoders.frozen import FrozenEncoders
+from motus_fast.encoders.qwen3_vl import Qwen3VLFeatures, load_qwen3_vl, load_qwen3_vl_prompt, qwen3_vl_folder
+from motus_fast.encoders.umt5 import (ORIGINAL_T5_FILE, HFTokenize, UMT5TextEncoder, load_umt5, original_t5_config,
+                                      resolve_umt5_path, umt5_tokenizer_dir)
+from motus_fast.encoders.wan_vae import ORIGINAL_VAE_FILE, WanVAE, load_wan_vae, original_vae_config, resolve_vae_path
+from motus_fast.weights.mapping import CheckpointError
+from motus_fast.weights.sources import open_weights
+
+log = logging.getLogger("motus_fast")
+
+
+@dataclass(frozen=True)
+class WanFiles:
+    """Where the VAE, the umT5 encoder and its tokenizer are in a Wan2.2 folder."""
+
+    layout: str                 # "original" | "diffusers"
+    vae: Path
+    t5: Path
+    tokenizer: Optional[Path]   # None: not found (an error when loading)
+
+
+def wan_files(path: str | Path, t5: str | Path | None = None) -> WanFiles:
+    """The files of a Wan2.2 folder in either layout; `t5`: a separate umT5 encoder (file or folder) instead."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory (--wan takes a Wan2.2-TI2V-5B folder: the original "
+                              f"release with {ORIGINAL_VAE_FILE}, or the diffusers layout with vae/ and text_encoder/)")
+    if p.is_file():           # a single VAE file; umT5 must then come from `t5`
+        layout, vae, t5_default = "original", p, p.parent / ORIGINAL_T5_FILE
+    elif (p / ORIGINAL_VAE_FILE).is_file():
+        layout, vae, t5_default = "original", p / ORIGINAL_VAE_FILE, p / ORIGINAL_T5_FILE
+    elif (p / "vae").is_dir() or (p / "model_index.json").is_file():
+        layout, vae, t5_default = "diffusers", p / "vae", p / "text_encoder"
+    else:
+        raise CheckpointError(f"{p}: neither Wan2.2 layout: no {ORIGINAL_VAE_FILE} (original release) and no vae/ "
+                              "folder (diffusers)")
+    t5_path = resolve_umt5_path(t5) if t5 is not None else t5_default
+    try:
+        tokenizer = umt5_tokenizer_dir(t5 if t5 is not None else (t5_path if layout == "original" else p))
+    except CheckpointError:
+        tokenizer = None
+    return WanFiles(layout, vae, t5_path, tokenizer)
+
+
+def load_encoders(wan: str | Path, vlm: str | Path | None, *, t5: str | Path | None = None,
+                  vlm_weights: Optional[Mapping[str, torch.Tensor]] = None, vlm_weights_name: str = "",
+                  text_len: Optional[int] = None, image_size: Optional[tuple[int, int]] = None,
+                  attend_padding: bool = True, dtype: torch.dtype = torch.bfloat16,
+                  vae_dtype: torch.dtype = torch.float32, device=None, progress: bool = True) -> FrozenEncoders:
+    """The Wan2.2 VAE and umT5 from `wan` (either layout; `t5` overrides the umT5 encoder) and Qwen3-VL from `vlm`
+    (its weights from `vlm_weights`, e.g. an official Motus checkpoint's, when given) as ``FrozenEncoders``.
+    The VAE runs in float32 by default, as the release does. `vlm` None: no VLM (stage 1)."""
+    from transformers import AutoTokenizer
+
+    files = wan_files(wan, t5)
+    if files.tokenizer is None:
+        raise CheckpointError(f"{wan}: no umT5 tokenizer (looked beside {files.t5}: tokenizer/, google/umt5-xxl/)")
+    vae = WanVAE(load_wan_vae(files.vae, vae_dtype, device, progress))
+    text = UMT5TextEncoder(load_umt5(files.t5, dtype, device, progress),
+                           HFTokenize(AutoTokenizer.from_pretrained(str(files.tokenizer))), max(text_len or 512, 1))
+    log.info("encoders: Wan2.2 VAE %s (%s layout, %s), umT5 %s (%s), tokenizer %s", files.vae, files.layout,
+             vae_dtype, files.t5, dtype, files.tokenizer)
+    features = None
+    if vlm is not None:
+        features = Qwen3VLFeatures(load_qwen3_vl(vlm, dtype, device, weights=vlm_weights,
+                                                 weights_name=vlm_weights_name or "the Motus checkpoint"),
+                                   load_qwen3_vl_prompt(vlm))
+    return FrozenEncoders(vae, text, features, text_len=text_len, image_size=image_size,
+                          attend_padding=attend_padding)
+
+
+# ---- what will run, from headers and configs only (motus-fast check) --------------------------------------------
+def _stored(src) -> tuple[int, str]:
+    keys = list(src.keys())
+    dtypes = sorted({str(src.dtype(k)).removeprefix("torch.") for k in keys}) if hasattr(src, "dtype") else []
+    return parameter_count(src.shape(k) for k in keys), "/".join(dtypes)
+
+
+def describe_vae(path: Path) -> dict:
+    """{path, layout, params, stored dtype, z_dim}; raises CheckpointError naming the problem."""
+    p = resolve_vae_path(path)
+    if is_torch_file(p):
+        if not p.is_file():
+            raise CheckpointError(f"{p}: not found (the Wan2.2 VAE)")
+        with open_weights(p) as src:
+            cfg = original_vae_config(src, str(p))
+            n, dt = _stored(src)
+        return {"path": str(p), "layout": "original .pth", "params": n, "dtype": dt, "z_dim": cfg["z_dim"]}
+    folder = component_dir(p, "the Wan VAE", "vae")
+    cfg = read_json(folder / "config.json")
+    if cfg.get("_class_name") != "AutoencoderKLWan":
+        raise CheckpointError(f"{folder / 'config.json'}: _class_name {cfg.get('_class_name')!r} is not "
+                              "'AutoencoderKLWan'")
+    with open_weights(folder, prefer=("diffusion_pytorch_model",)) as src:
+        n, dt = _stored(src)
+    return {"path": str(folder), "layout": "diffusers", "params": n, "dtype": dt, "z_dim": int(cfg["z_dim"])}
+
+
+def describe_umt5(path: Path) -> dict:
+    p = resolve_umt5_path(path)
+    if is_torch_file(p):
+        if not p.is_file():
+            raise CheckpointError(f"{p}: not found (the umT5 encoder)")
+        with open_weights(p) as src:
+            cfg = original_t5_config(src, str(p))
+            n, dt = _stored(src)
+        return {"path": str(p), "layout": "original .pth", "params": n, "dtype": dt, "d_model": cfg.d_model}
+    folder = component_dir(p, "the umT5 encoder", "text_encoder")
+    cfg = read_json(folder / "config.json")
+    if cfg.get("model_type") not in ("umt5", "t5"):
+        raise CheckpointError(f"{folder / 'config.json'}: model_type {cfg.get('model_type')!r} is not 'umt5'")
+    with open_weights(folder, prefer=("model",)) as src:
+        n, dt = _stored(src)
+    return {"path": str(folder), "layout": "transformers", "params": n, "dtype": dt, "d_model": int(cfg["d_model"])}
+
+
+def describe_qwen3_vl(path: str | Path, with_weights: bool = True) -> dict:
+    """The Qwen3-VL folder: config widths, tokenizer/processor/chat template presence, and its weights' headers
+    unless the weights come from elsewhere (`with_weights` False)."""
+    folder = qwen3_vl_folder(path)
+    cfg = read_json(folder / "config.json")
+    text = cfg.get("text_config", {})
+    out = {"path": str(folder), "hidden_size": text.get("hidden_size"), "layers": text.get("num_hidden_layers"),
+           "problems": []}
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        out["problems"].append(f"{folder}: no tokenizer (tokenizer.json / tokenizer_config.json)")
+    if not (folder / "preprocessor_config.json").is_file():
+        out["problems"].append(f"{folder / 'preprocessor_config.json'}: not found (the Qwen3-VL image processor)")
+    if with_weights:
+        with open_weights(folder, prefer=("model",)) as src:
+            out["params"], out["dtype"] = _stored(src)
+    return out
