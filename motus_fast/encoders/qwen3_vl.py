@@ -67,10 +67,24 @@ def load_qwen3_vl(path: str | Path, dtype: torch.dtype = torch.bfloat16, device=
         model.load_state_dict(tensors, strict=False, assign=True)
         if tied:
             model.tie_weights()
+        _rebuild_meta_buffers(model)
         model = freeze(model)
         log.info("VLM weights: the Motus checkpoint's vlm_model.* (%s); config, tokenizer and processor from %s",
                  weights_name, folder)
     return model if device is None else model.to(device)
+
+
+def _rebuild_meta_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers (the rotary ``inv_freq`` tables) are not in a state dict: a model built on the meta
+    device gets them by rebuilding their (parameter-free) modules from their config on the CPU."""
+    owners = {name.rpartition(".")[0] for name, b in model.named_buffers() if b.is_meta}
+    for name in sorted(owners):
+        old = model.get_submodule(name)
+        cfg = getattr(old, "config", None)
+        if cfg is None or any(True for _ in old.parameters()):
+            raise RuntimeError(f"cannot rebuild the buffers of {name} ({type(old).__name__}) off the meta device")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, type(old)(cfg))
 
 
 def qwen3_vl_chat_template(folder: Path, tokenizer) -> str:

@@ -102,6 +102,8 @@ class CheckReport:
             mem = f"{c['gpu_bytes'] / 2**30:.2f} GiB at {c['run_dtype']}" if c.get("gpu_bytes") is not None else ""
             lines.append(f"  {c['name']:<8} {c.get('layout', ''):<16} stored {c.get('dtype', '?'):<10} {params:<18} "
                          f"{mem:<22} {c.get('path', '')}")
+            if c.get("weights_from"):
+                lines.append(f"  {'':<8} weights from {c['weights_from']}")
         total = sum(c.get("gpu_bytes") or 0 for c in self.components)
         lines.append(f"  weights in GPU memory: {total / 2**30:.2f} GiB (activations and caches come on top)")
         if self.problems:
@@ -203,7 +205,8 @@ def check_policy(spec: PolicySpec) -> CheckReport:
         report.problems += comp.pop("problems")
         comp.update(name="vlm", layout="transformers")
         if vlm_weights is not None:
-            comp.update(weights_from=vlm_weights, params=_vlm_params(spec.checkpoint, comp["path"], report))
+            params, stored = _vlm_params(spec.checkpoint, comp["path"], report)
+            comp.update(weights_from=vlm_weights, params=params, dtype=stored)
         add(comp)
         if cfg is not None and comp["hidden_size"] != cfg.und.vlm_dim:
             report.problems.append(f"{comp['path']}/config.json: Qwen3-VL text_config.hidden_size="
@@ -215,8 +218,9 @@ def check_policy(spec: PolicySpec) -> CheckReport:
     return report
 
 
-def _vlm_params(checkpoint: str, folder: str, report: CheckReport) -> Optional[int]:
-    """Parameters of the checkpoint's VLM weights, checked against the Qwen3-VL folder's config (shapes only)."""
+def _vlm_params(checkpoint: str, folder: str, report: CheckReport) -> tuple[int, str]:
+    """Parameters and stored dtypes of the checkpoint's VLM weights, checked against the Qwen3-VL folder's config
+    (shapes only)."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     from motus_fast.weights.native import load_vlm_weights
@@ -236,7 +240,8 @@ def _vlm_params(checkpoint: str, folder: str, report: CheckReport) -> Optional[i
         from motus_fast.weights.mapping import report as key_report
         report.problems.append(key_report(missing, unexpected, misshaped,
                                           f"{where}: the VLM weights do not match {folder}/config.json:"))
-    return sum(_numel(s) for s in have.values())
+    dtypes = "/".join(sorted({str(t.dtype).removeprefix("torch.") for t in weights.values()}))
+    return sum(_numel(s) for s in have.values()), dtypes
 
 
 # ---- building ----------------------------------------------------------------------------------------------------
