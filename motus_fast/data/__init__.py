@@ -3,8 +3,8 @@
 The path of one training batch (see each module's docstring):
 
     on disk (lerobot.py, robotwin.py) -> MotusDataset (dataset.py: window, frames, normalised actions)
-      -> MixtureDataset + MixtureSampler (mixture.py: the pyramid, deterministic and resumable)
-      -> ResumableLoader (DataLoader workers; RawBatch) -> BatchEncoder (encode.py: VAE, umT5, Qwen3-VL)
+      -> MixtureDataset + StepSampler (mixture.py: the pyramid; samples a pure function of (seed, step))
+      -> DataLoader (workers; RawBatch) -> BatchEncoder (encode.py: VAE, umT5, Qwen3-VL)
       -> FlowBatch (flow.py)
 
 Also: windows.py (which frames a sample reads, upstream's formulas), image.py (layouts, resize-with-pad),

@@ -1,20 +1,22 @@
-"""The data pyramid: a weighted mixture of windowed datasets, a deterministic resumable sampler, and a loader that
-the trainer iterates forever and checkpoints.
+"""The data pyramid: a weighted mixture of windowed datasets and the one training sampler.
 
-``MixtureSampler`` draws epoch e as a pure function of (seed, e): which dataset each draw comes from (by the
-mixture probabilities), which window (a fresh permutation per dataset and pass, so a single dataset with
-``samples_per_epoch = len`` visits every window exactly once; or upstream's uniform episode then uniform window
-with ``balance="episode"``), and a per-draw seed the dataset uses for its own choices. Ranks take every
-``world_size``-th draw. ``ResumableLoader`` wraps a torch DataLoader over it, counts the batches the training loop
-has *consumed* (not the ones prefetched by workers), and restarts from exactly there after ``load_state_dict``,
-also on another world size (the global sample position is kept; a remainder of less than one global batch is
-skipped).
+``MixtureDataset.draws(seed, epoch, n)`` is epoch e of the pyramid as a pure function of (seed, e): which dataset
+each draw comes from (by the mixture probabilities), which window (a fresh permutation per dataset and pass, so a
+single dataset with ``samples_per_epoch = len`` visits every window exactly once; or upstream's uniform episode then
+uniform window with ``balance="episode"``), and a per-draw seed the dataset uses for its own choices.
+
+``StepSampler`` is the only sampler training uses (the trainer, tests, any loader): global sample position p of a
+run is draw ``p % N`` of epoch ``p // N`` (N samples per epoch), and the positions of step s, micro-step m, rank r
+are ``s*B*A*W + (m*W + r)*B + [0, B)`` (per-process batch B, accumulation A, world size W). So the samples of a
+step depend only on (seed, step) and on the global batch, never on how it is split over processes: resuming needs
+no data state (the step is the state), also on another world size. Any map-style dataset can be sampled: a
+``MixtureDataset`` (or a dataset indexed like one, e.g. ``EncodedDataset(mixture)``, with ``mixture=``) gets
+``(index, draw seed)`` items; a plain dataset gets a fresh permutation per epoch.
 
     mixture = build_mixture(data_cfg, vlm_prompt=encoders.vlm_prompt if encoders.vlm_dim else None)
-    loader = ResumableLoader(mixture, batch_size=8, seed=0, rank=rank, world_size=world, num_workers=4)
-    loader.load_state_dict(ckpt["data"])            # when resuming
-    raw = next(loader)                               # RawBatch; BatchEncoder(encoders)(raw) -> FlowBatch
-    ckpt["data"] = loader.state_dict()
+    sampler = StepSampler(len(mixture), batch_size=8, steps=10_000, seed=0, rank=rank, world_size=world,
+                          start_step=resumed_step, mixture=mixture)
+    loader = DataLoader(mixture, batch_sampler=sampler, collate_fn=collate, num_workers=4)   # RawBatches
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import math
 from typing import Optional
 
 import numpy as np
-from torch.utils.data import DataLoader, Dataset, Sampler
+import torch
+from torch.utils.data import Dataset, Sampler
 
 from motus_fast.data.config import DataConfig
-from motus_fast.data.dataset import MotusDataset, RawBatch, Sample, collate
+from motus_fast.data.dataset import MotusDataset, Sample
 from motus_fast.data.norm import DatasetStats, load_stats
 
 
@@ -58,121 +61,78 @@ class MixtureDataset(Dataset):
                 f"actions={d.spec.actions}" for d, p in zip(self.datasets, self.probabilities)]
         return "\n".join(rows)
 
-
-class MixtureSampler(Sampler):
-    """Yields ``(global index, draw seed)`` for this rank, starting at per-rank position ``start``."""
-
-    def __init__(self, mixture: MixtureDataset, seed: int = 0, samples_per_epoch: Optional[int] = None,
-                 rank: int = 0, world_size: int = 1):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in 0..{world_size - 1}")
-        self.mixture, self.seed = mixture, int(seed)
-        self.samples_per_epoch = int(samples_per_epoch or len(mixture))
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.start = 0, 0
-        self._cache: Optional[tuple[int, np.ndarray, np.ndarray]] = None
-
-    def __len__(self) -> int:
-        return self.samples_per_epoch // self.world_size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.start = int(epoch), 0
-
-    def draws(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """All ranks' draws of an epoch: (global indices [N], draw seeds [N])."""
-        if self._cache is not None and self._cache[0] == epoch:
-            return self._cache[1], self._cache[2]
-        m, N = self.mixture, self.samples_per_epoch
-        rng = np.random.default_rng([self.seed, epoch])
-        which = rng.choice(len(m.datasets), size=N, p=m.probabilities)
+    def draws(self, seed: int, epoch: int, n: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+        """Epoch ``epoch`` of the pyramid: ``n`` (default len) draws as (global indices [n], draw seeds [n])."""
+        N = int(n or len(self))
+        rng = np.random.default_rng([int(seed), int(epoch)])
+        which = rng.choice(len(self.datasets), size=N, p=self.probabilities)
         out = np.empty(N, dtype=np.int64)
-        for d, ds in enumerate(m.datasets):
+        for d, ds in enumerate(self.datasets):
             pos = np.flatnonzero(which == d)
-            n = len(pos)
-            if n == 0:
+            k = len(pos)
+            if k == 0:
                 continue
             if ds.spec.balance == "episode":
                 eligible = np.flatnonzero(ds.windows_per_episode > 0)
-                ep = eligible[rng.integers(0, len(eligible), n)]
-                local = ds.offsets[ep] + (rng.random(n) * ds.windows_per_episode[ep]).astype(np.int64)
+                ep = eligible[rng.integers(0, len(eligible), k)]
+                local = ds.offsets[ep] + (rng.random(k) * ds.windows_per_episode[ep]).astype(np.int64)
             else:
-                passes = math.ceil(n / len(ds))
-                local = np.concatenate([rng.permutation(len(ds)) for _ in range(passes)])[:n]
-            out[pos] = m.offsets[d] + local
+                passes = math.ceil(k / len(ds))
+                local = np.concatenate([rng.permutation(len(ds)) for _ in range(passes)])[:k]
+            out[pos] = self.offsets[d] + local
         seeds = rng.integers(0, 2 ** 62, size=N, dtype=np.int64)
-        self._cache = (epoch, out, seeds)
         return out, seeds
 
+
+class StepSampler(Sampler):
+    """Yields this rank's index lists for steps ``start_step .. steps - 1``, micro-step by micro-step (see the module
+    docstring). ``size``: the dataset's length; ``mixture``: the MixtureDataset whose draws the dataset's items
+    follow (items are ``(index, draw seed)``), None for a plain dataset (items are ints, one permutation of
+    ``range(size)`` per epoch seeded by seed + epoch); ``samples_per_epoch``: draws per mixture epoch (default
+    ``size``)."""
+
+    def __init__(self, size: int, *, batch_size: int, steps: int, seed: int = 0, grad_accum: int = 1, rank: int = 0,
+                 world_size: int = 1, start_step: int = 0, mixture: Optional[MixtureDataset] = None,
+                 samples_per_epoch: Optional[int] = None):
+        if size < 1:
+            raise ValueError("the training dataset is empty")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in 0..{world_size - 1}")
+        if mixture is not None and len(mixture) != size:
+            raise ValueError(f"the dataset has {size} items but its mixture {len(mixture)} windows")
+        if samples_per_epoch is not None and mixture is None:
+            raise ValueError("samples_per_epoch needs a mixture (a plain dataset's epoch is one permutation)")
+        self.size, self.mixture, self.seed = int(size), mixture, int(seed)
+        self.batch_size, self.grad_accum, self.steps = int(batch_size), int(grad_accum), int(steps)
+        self.rank, self.world_size, self.start_step = rank, world_size, int(start_step)
+        self.samples_per_epoch = int(samples_per_epoch or size)
+        self._epoch: Optional[tuple[int, list]] = None
+
+    def epoch_items(self, epoch: int) -> list:
+        """The dataset items of one epoch, in order (the same on every rank)."""
+        if self._epoch is None or self._epoch[0] != epoch:
+            if self.mixture is None:
+                perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
+                items = perm.tolist()
+            else:
+                index, seeds = self.mixture.draws(self.seed, epoch, self.samples_per_epoch)
+                items = list(zip(index.tolist(), seeds.tolist()))
+            self._epoch = (epoch, items)
+        return self._epoch[1]
+
+    def item(self, position: int):
+        """The dataset item at global sample position ``position`` of the run."""
+        return self.epoch_items(position // self.samples_per_epoch)[position % self.samples_per_epoch]
+
     def __iter__(self):
-        idx, seeds = self.draws(self.epoch)
-        n = len(self)
-        for p in range(self.start, n):
-            g = p * self.world_size + self.rank
-            yield int(idx[g]), int(seeds[g])
+        B, A, W = self.batch_size, self.grad_accum, self.world_size
+        for step in range(self.start_step, self.steps):
+            for micro in range(A):
+                first = step * B * A * W + (micro * W + self.rank) * B
+                yield [self.item(p) for p in range(first, first + B)]
 
-
-class ResumableLoader:
-    """An endless iterator of ``RawBatch`` over epochs, with an exact ``state_dict`` (see the module docstring)."""
-
-    def __init__(self, mixture: MixtureDataset, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 samples_per_epoch: Optional[int] = None, num_workers: int = 0, pin_memory: bool = False,
-                 prefetch_factor: Optional[int] = None, persistent_workers: bool = False,
-                 multiprocessing_context=None):
-        self.mixture, self.batch_size = mixture, int(batch_size)
-        self.sampler = MixtureSampler(mixture, seed, samples_per_epoch, rank, world_size)
-        if len(self.sampler) < self.batch_size:
-            raise ValueError(f"an epoch has {len(self.sampler)} samples per rank, fewer than one batch of "
-                             f"{self.batch_size} (raise samples_per_epoch)")
-        self.loader_kwargs = dict(num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
-                                  persistent_workers=persistent_workers and num_workers > 0,
-                                  multiprocessing_context=multiprocessing_context)
-        self.batches_consumed = 0
-        self._it = None
-
-    @property
-    def epoch(self) -> int:
-        return self.sampler.epoch
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self.sampler) // self.batch_size
-
-    def _restart(self) -> None:
-        self.sampler.start = self.batches_consumed * self.batch_size
-        loader = DataLoader(self.mixture, batch_size=self.batch_size, sampler=self.sampler, collate_fn=collate,
-                            drop_last=True, **self.loader_kwargs)
-        self._it = iter(loader)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> RawBatch:
-        if self.batches_consumed >= self.batches_per_epoch:
-            self.sampler.set_epoch(self.sampler.epoch + 1)
-            self.batches_consumed, self._it = 0, None
-        if self._it is None:
-            self._restart()
-        batch = next(self._it)
-        self.batches_consumed += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        s = self.sampler
-        return {"seed": s.seed, "epoch": s.epoch, "batches_consumed": self.batches_consumed,
-                "batch_size": self.batch_size, "world_size": s.world_size, "samples_per_epoch": s.samples_per_epoch,
-                "mixture_size": len(self.mixture)}
-
-    def load_state_dict(self, state: dict) -> None:
-        s = self.sampler
-        for key, mine in (("seed", s.seed), ("samples_per_epoch", s.samples_per_epoch),
-                          ("mixture_size", len(self.mixture))):
-            if state[key] != mine:
-                raise ValueError(f"cannot resume the data position: {key} was {state[key]}, is now {mine} "
-                                 "(same datasets, seed and samples_per_epoch are needed for an exact resume)")
-        global_samples = state["batches_consumed"] * state["batch_size"] * state["world_size"]
-        s.set_epoch(state["epoch"])
-        self.batches_consumed = global_samples // (self.batch_size * s.world_size)
-        self._it = None
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start_step) * self.grad_accum
 
 
 def build_mixture(cfg: DataConfig, stats: Optional[dict[str, DatasetStats]] = None, text_cache=None,
@@ -202,19 +162,3 @@ def build_mixture(cfg: DataConfig, stats: Optional[dict[str, DatasetStats]] = No
     if len(states) != 1:
         raise ValueError(f"datasets give states of widths {sorted(states)}; set data.state_dim to pad them")
     return MixtureDataset(datasets, cfg.mixture_weights())
-
-
-class MixtureView(Dataset):
-    """The pyramid mixture as a plain map-style dataset of ``size`` entries: entry i is draw i of the sampler's
-    epoch-0 draws (dataset by the mixture probabilities, window, draw seed), so any index sampler -- e.g. a
-    trainer's own step-indexed permutation -- sees the mixture weights. ``size`` defaults to len(mixture)."""
-
-    def __init__(self, mixture: MixtureDataset, seed: int = 0, size: Optional[int] = None):
-        self.mixture = mixture
-        self.index, self.seeds = MixtureSampler(mixture, seed, size).draws(0)
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> Sample:
-        return self.mixture[(int(self.index[i]), int(self.seeds[i]))]

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
-def build_dataset(spec: str, model_cfg, stage: int, seed: int, encoders: str):
-    """-> (dataset, collate_fn, checkpoint extra). `spec`: `synthetic[:N]` (N synthetic samples: tests, smoke runs)
-    or a DataConfig JSON file (motus_fast.data), read for this stage and encoded by `encoders` (`tiny`: tiny
-    random in-process encoders, CPU runs and CI)."""
+
+@dataclass(frozen=True)
+class TrainData:
+    """What the Trainer reads: the dataset, its collate_fn (None: items are FlowBatches), the MixtureDataset its
+    (index, draw seed) items follow (None: plain indices), and the JSON stored with every checkpoint."""
+    dataset: Any
+    collate_fn: Optional[Callable] = None
+    mixture: Any = None
+    extra: Optional[dict] = None
+
+
+def build_dataset(spec: str, model_cfg, stage: int, seed: int, encoders: str) -> TrainData:
+    """`spec`: `synthetic[:N]` (N synthetic samples: tests, smoke runs) or a DataConfig JSON file (motus_fast.data),
+    read for this stage and encoded by `encoders` (`tiny`: tiny random in-process encoders, CPU runs and CI)."""
     import json
 
     from motus_fast.train.stages import model_config_for_stage
@@ -14,12 +26,12 @@ def build_dataset(spec: str, model_cfg, stage: int, seed: int, encoders: str):
     if spec.startswith("synthetic"):
         from motus_fast.data.synthetic import SyntheticDataset
         size = int(spec.split(":", 1)[1]) if ":" in spec else 64
-        return SyntheticDataset(cfg, size=size, seed=seed), None, None
+        return TrainData(SyntheticDataset(cfg, size=size, seed=seed))
     from pathlib import Path
 
     from motus_fast.data import DataConfig
     from motus_fast.data.encode import EncodedDataset
-    from motus_fast.data.mixture import MixtureView, build_mixture
+    from motus_fast.data.mixture import build_mixture
     path = Path(spec)
     if not path.is_file():
         raise SystemExit(f"--data {spec!r}: not `synthetic[:N]` and no such DataConfig JSON file")
@@ -29,12 +41,11 @@ def build_dataset(spec: str, model_cfg, stage: int, seed: int, encoders: str):
     from motus_fast.encoders import build_tiny_encoders
     enc = build_tiny_encoders(cfg, seed=seed, use_vlm=stage != 1)
     mixture = build_mixture(data_cfg, vlm_prompt=enc.vlm_prompt if enc.vlm_dim is not None else None)
-    dataset = EncodedDataset(MixtureView(mixture, seed=seed), enc)
     extra = {"norm_mode": data_cfg.normalization, "data": data_cfg.to_dict()}
     if data_cfg.stats_path:
         from motus_fast.data.norm import load_stats, stats_to_json
         extra["norm_stats"] = stats_to_json(load_stats(data_cfg.stats_path))
-    return dataset, None, extra
+    return TrainData(EncodedDataset(mixture, enc), mixture=mixture, extra=extra)
 
 
 def cmd_train(args) -> None:
@@ -45,10 +56,10 @@ def cmd_train(args) -> None:
 
     model_cfg = config_from_args(args)
     train_cfg = TrainConfig().override(parse_overrides(args.train))
-    dataset, collate, extra = build_dataset(args.data, model_cfg, train_cfg.stage, train_cfg.seed, args.encoders)
+    data = build_dataset(args.data, model_cfg, train_cfg.stage, train_cfg.seed, args.encoders)
     try:
-        Trainer(model_cfg, train_cfg, dataset, args.out, collate_fn=collate, num_workers=args.workers,
-                extra=extra).run(resume=args.resume)
+        Trainer(model_cfg, train_cfg, data.dataset, args.out, collate_fn=data.collate_fn, num_workers=args.workers,
+                extra=data.extra, mixture=data.mixture).run(resume=args.resume)
     finally:
         shutdown()
 

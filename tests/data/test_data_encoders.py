@@ -9,7 +9,7 @@ from motus_fast.data.dataset import collate
 from motus_fast.data.encode import BatchEncoder, EncodedDataset
 from motus_fast.encoders import FrozenEncoders, build_tiny_encoders, pad_text
 from motus_fast.encoders.registry import build_text_encoder
-from motus_fast.data.mixture import MixtureView, ResumableLoader, build_mixture
+from motus_fast.data.mixture import StepSampler, build_mixture
 from motus_fast.data.text_cache import TextCache, build_text_cache
 from motus_fast.data.tiny import tiny_pyramid
 from motus_fast.data.windows import WindowSpec
@@ -73,7 +73,7 @@ def test_stage_batches_train(encoders, stage_cfgs, stage):
 
     cfg = stage_cfgs[stage]
     mix = build_mixture(cfg, vlm_prompt=encoders.vlm_prompt)
-    raw = next(ResumableLoader(mix, batch_size=2, seed=stage))
+    raw = collate([mix[i] for i in next(iter(StepSampler(len(mix), batch_size=2, steps=1, seed=stage, mixture=mix)))])
     fb = BatchEncoder(encoders)(raw)
     assert fb.video.shape == (2, CFG.video.in_channels, 3, 4, 4)
     assert fb.actions.shape == (2, 16, 14) and fb.cond.text.shape == (2, CFG.video.text_len, CFG.video.text_dim)
@@ -128,7 +128,7 @@ def test_encoded_dataset_collates_for_the_trainer(encoders, stage_cfgs):
 
     mix = build_mixture(stage_cfgs[3], vlm_prompt=encoders.vlm_prompt)
     per_sample = FrozenEncoders(encoders.vae, encoders.text, encoders.vlm)     # text_len None: no padding rows
-    ds = EncodedDataset(MixtureView(mix, seed=0, size=4), per_sample)
+    ds = EncodedDataset(mix, per_sample)
     fb = collate_flow_batches([ds[0], ds[1]])
     assert fb.video.shape[0] == 2 and fb.cond.text_lens is not None and fb.cond.vlm_lens is not None
     assert build_text_encoder("tiny", CFG).dim == CFG.video.text_dim

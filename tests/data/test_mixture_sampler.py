@@ -1,4 +1,5 @@
-"""The pyramid mixture, the deterministic sampler and the loader's exact resume."""
+"""The pyramid mixture, the one step-indexed sampler, and exact resume through a DataLoader (also on another world
+size)."""
 
 import dataclasses
 
@@ -6,7 +7,10 @@ import numpy as np
 import pytest
 
 from motus_fast.data.config import DataConfig, DatasetSpec
-from motus_fast.data.mixture import MixtureDataset, MixtureSampler, MixtureView, ResumableLoader, build_mixture
+from torch.utils.data import DataLoader
+
+from motus_fast.data.dataset import collate
+from motus_fast.data.mixture import MixtureDataset, StepSampler, build_mixture
 from motus_fast.data.tiny import tiny_pyramid
 from motus_fast.data.windows import WindowSpec
 
@@ -37,11 +41,10 @@ def test_level_weights():
 
 def test_sampler_is_deterministic_weighted_and_partitioned():
     m = MixtureDataset([FakeDataset([10, 20]), FakeDataset([5] * 6, "episode"), FakeDataset([7])], [0.5, 0.3, 0.2])
-    s = MixtureSampler(m, seed=3, samples_per_epoch=20000)
-    a, sa = s.draws(0)
-    b, sb = MixtureSampler(m, seed=3, samples_per_epoch=20000).draws(0)
+    a, sa = m.draws(3, 0, 20000)
+    b, sb = m.draws(3, 0, 20000)
     assert np.array_equal(a, b) and np.array_equal(sa, sb)
-    assert not np.array_equal(a, s.draws(1)[0]) and not np.array_equal(a, MixtureSampler(m, 4, 20000).draws(0)[0])
+    assert not np.array_equal(a, m.draws(3, 1, 20000)[0]) and not np.array_equal(a, m.draws(4, 0, 20000)[0])
     which = np.searchsorted(m.offsets, a, side="right") - 1
     freq = np.bincount(which, minlength=3) / len(a)
     np.testing.assert_allclose(freq, [0.5, 0.3, 0.2], atol=0.015)
@@ -51,17 +54,21 @@ def test_sampler_is_deterministic_weighted_and_partitioned():
     # episode balance: episodes equally likely
     ep = (a[which == 1] - m.offsets[1]) // 5
     np.testing.assert_allclose(np.bincount(ep) / len(ep), [1 / 6] * 6, atol=0.03)
-    # ranks partition the epoch
-    ranks = [list(MixtureSampler(m, 3, 20000, rank=r, world_size=3)) for r in range(3)]
+    # ranks partition the epoch, and the sampler yields the epoch's (index, draw seed) pairs in order
+    kw = dict(batch_size=1, steps=6666, seed=3, world_size=3, mixture=m, samples_per_epoch=20000)
+    ranks = [[b[0] for b in StepSampler(len(m), rank=r, **kw)] for r in range(3)]
     assert all(len(r) == 6666 for r in ranks)
-    merged = [ranks[p % 3][p // 3][0] for p in range(3 * 6666)]
-    assert merged == a[: 3 * 6666].tolist()
+    merged = [ranks[p % 3][p // 3] for p in range(3 * 6666)]
+    assert merged == list(zip(a[: 3 * 6666].tolist(), sa[: 3 * 6666].tolist()))
 
 
 def test_single_dataset_epoch_is_a_permutation():
     m = MixtureDataset([FakeDataset([4, 9, 3])], [1.0])
-    idx, _ = MixtureSampler(m, seed=0).draws(0)
+    idx, _ = m.draws(0, 0)
     assert sorted(idx.tolist()) == list(range(16))
+    # the sampler crosses into a fresh epoch: the next 16 positions are another permutation
+    items = [b[0][0] for b in StepSampler(16, batch_size=1, steps=32, seed=0, mixture=m)]
+    assert items[:16] == idx.tolist() and sorted(items[16:]) == list(range(16)) and items[16:] != items[:16]
 
 
 @pytest.fixture(scope="module")
@@ -70,49 +77,37 @@ def stage_cfgs(tmp_path_factory):
                         episodes=2, frames=24)
 
 
+def keys(mix, steps, start=0, rank=0, world=1, batch=2, workers=0, seed=5, per_epoch=12):
+    """The sample keys of each micro-batch a DataLoader over StepSampler yields for this rank."""
+    sampler = StepSampler(len(mix), batch_size=batch, steps=steps, seed=seed, rank=rank, world_size=world,
+                          start_step=start, mixture=mix, samples_per_epoch=per_epoch)
+    return [raw.keys for raw in DataLoader(mix, batch_sampler=sampler, collate_fn=collate, num_workers=workers)]
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_is_exact(stage_cfgs, workers):
     mix = build_mixture(stage_cfgs[1])
-    kw = dict(batch_size=2, seed=5, samples_per_epoch=12, num_workers=workers)
-    ref = ResumableLoader(mix, **kw)
-    ref_keys = [next(ref).keys for _ in range(9)]           # 6 batches per epoch: crosses into epoch 1
-    assert ref.epoch == 1
-    first = ResumableLoader(mix, **kw)
-    for _ in range(4):
-        next(first)
-    state = first.state_dict()
-    resumed = ResumableLoader(mix, **kw)
-    resumed.load_state_dict(state)
-    assert [next(resumed).keys for _ in range(5)] == ref_keys[4:]
+    ref = keys(mix, 9, workers=workers)                       # 6 batches per epoch: crosses into epoch 1
+    assert keys(mix, 9, start=4, workers=workers) == ref[4:]
     # an epoch is a different order of the same kind of draws
-    assert ref_keys[6:9] != ref_keys[0:3]
+    assert ref[6:9] != ref[0:3]
 
 
 def test_resume_on_another_world_size(stage_cfgs):
     mix = build_mixture(stage_cfgs[1])
-    one = ResumableLoader(mix, batch_size=2, seed=1, samples_per_epoch=24)
-    seen = [k for _ in range(4) for k in next(one).keys]      # 8 global samples consumed
-    two = [ResumableLoader(mix, batch_size=2, seed=1, samples_per_epoch=24, rank=r, world_size=2) for r in range(2)]
-    for L in two:
-        L.load_state_dict(one.state_dict())
-    nxt = [next(L).keys for L in two]
-    global_next = [nxt[p % 2][p // 2] for p in range(4)]
-    ref = ResumableLoader(mix, batch_size=2, seed=1, samples_per_epoch=24)
-    all_keys = [k for _ in range(6) for k in next(ref).keys]
-    assert all_keys[:8] == seen and all_keys[8:12] == global_next
-    bad = dict(one.state_dict(), seed=2)
-    with pytest.raises(ValueError, match="seed"):
-        two[0].load_state_dict(bad)
+    one = keys(mix, 6, batch=2, seed=1, per_epoch=24)          # 12 global samples, batch 2 on one process
+    two = [keys(mix, 6, start=4, rank=r, world=2, batch=1, seed=1, per_epoch=24) for r in range(2)]
+    global_next = [k for step in range(2) for r in range(2) for k in two[r][step]]
+    assert [k for b in one[4:] for k in b] == global_next
+    with pytest.raises(ValueError, match="mixture"):
+        StepSampler(len(mix) + 1, batch_size=1, steps=1, mixture=mix)
 
 
-def test_view_and_stage_contents(stage_cfgs):
+def test_stage_contents(stage_cfgs):
     for stage, cfg in stage_cfgs.items():
         mix = build_mixture(cfg)
-        view = MixtureView(mix, seed=0, size=10)
-        assert len(view) == 10
-        s = view[3]
-        assert s.key == view[3].key
-        raw = next(ResumableLoader(mix, batch_size=4, seed=0))
+        assert mix[(3, 7)].key == mix[(3, 7)].key
+        raw = collate([mix[item] for item in next(iter(StepSampler(len(mix), batch_size=4, steps=1, mixture=mix)))])
         assert raw.frames.shape == (4, 5, 3, 32, 32) and raw.actions.shape == (4, 8, 14)
         if stage == 1:
             assert raw.state is None and not raw.has_actions.any()

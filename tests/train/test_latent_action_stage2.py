@@ -33,10 +33,11 @@ def test_labelled_latent_actions_train_stage_2(tmp_path):
     spec = tmp_path / "stage2.json"
     spec.write_text(json.dumps(data.to_dict()))
     base = get_preset("tiny")
-    dataset, collate, extra = build_dataset(str(spec), base, 2, seed=0, encoders="tiny")
-    first = dataset[0]
+    data = build_dataset(str(spec), base, 2, seed=0, encoders="tiny")
+    first = data.dataset[0]
     assert first.cond.state is None and torch.isfinite(first.actions).all()
     cfg = TrainConfig(stage=2, steps=2, batch_size=2, param_dtype="fp32", logger="jsonl", save_every=2,
                       warmup_steps=1, activation_checkpointing=False)
-    recs = Trainer(base, cfg, dataset, tmp_path / "stage2", collate_fn=collate, extra=extra, progress=False).run()
+    recs = Trainer(base, cfg, data.dataset, tmp_path / "stage2", collate_fn=data.collate_fn, extra=data.extra,
+                   mixture=data.mixture, progress=False).run()
     assert len(recs) == 2 and all(r["loss_action"] > 0 for r in recs)

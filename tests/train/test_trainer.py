@@ -14,11 +14,13 @@ import pytest
 import torch
 
 from motus_fast.config import TrainConfig, get_preset
+from motus_fast.data.mixture import StepSampler
 from motus_fast.data.synthetic import SyntheticDataset
 from motus_fast.train.checkpoint import latest_checkpoint
 from motus_fast.train.metrics import forward_flops, read_metrics
 from motus_fast.train.stages import model_config_for_stage
-from motus_fast.train.trainer import StepBatchSampler, Trainer, lr_factor
+from motus_fast.train.schedule import lr_factor
+from motus_fast.train.trainer import Trainer
 from motus_fast.weights import load_pretrained
 
 TRAIN = ["--train", "batch_size=1", "--train", "param_dtype=fp32", "--train", "logger=jsonl", "--train", "log_every=1",
@@ -142,16 +144,20 @@ def test_stages_one_two_three_back_to_back(tmp_path):
     for stage in (1, 2, 3):
         spec = tmp_path / f"data{stage}.json"
         spec.write_text(json.dumps(data[stage].to_dict()))
-        dataset, collate, extra = build_dataset(str(spec), base, stage, seed=0, encoders="tiny")
+        train_data = build_dataset(str(spec), base, stage, seed=0, encoders="tiny")
         init = runs.get(stage - 1)
         cfg = TrainConfig(stage=stage, init_from=str(latest_checkpoint(init)) if init else None, **common)
         runs[stage] = tmp_path / f"stage{stage}"
-        recs = Trainer(base, cfg, dataset, runs[stage], collate_fn=collate, extra=extra, progress=False).run()
+        recs = Trainer(base, cfg, train_data.dataset, runs[stage], collate_fn=train_data.collate_fn,
+                       extra=train_data.extra, mixture=train_data.mixture, progress=False).run()
         assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
         if stage == 1:
             assert all(r["loss_action"] == 0 for r in recs)     # video expert alone
-        else:
-            assert all(r["loss_action"] > 0 for r in recs)
+        else:   # an action loss exactly on the steps whose samples (drawn by the sampler) carry actions
+            mixture = train_data.mixture
+            scored = [any(mixture[i].has_actions for i in items)
+                      for items in StepSampler(len(mixture), batch_size=2, steps=2, mixture=mixture)]
+            assert [r["loss_action"] > 0 for r in recs] == scored and any(scored)
     s1, s2, s3 = (load_pretrained(latest_checkpoint(runs[s])) for s in (1, 2, 3))
     assert s2.cfg.action.layout == "pretrain" and s3.cfg.action.layout == "finetune"
     # stage 1 trained only the video expert: its action weights are still the fresh init (same seed)
@@ -168,30 +174,33 @@ def test_raw_batches_encoded_on_the_training_device(tmp_path):
     from motus_fast.data.dataset import collate
     from motus_fast.data.encode import BatchEncoder
     from motus_fast.encoders import build_tiny_encoders
-    from motus_fast.data.mixture import MixtureView, build_mixture
+    from motus_fast.data.mixture import build_mixture
     from motus_fast.data.tiny import tiny_pyramid
 
     data = tiny_pyramid(tmp_path / "data")[3]
     base = get_preset("tiny")
     enc = build_tiny_encoders(base, text_len=base.video.text_len)
-    view = MixtureView(build_mixture(data, vlm_prompt=enc.vlm_prompt))
+    mixture = build_mixture(data, vlm_prompt=enc.vlm_prompt)
     cfg = TrainConfig(stage=3, steps=2, batch_size=2, param_dtype="fp32", logger="jsonl", save_every=2,
                       warmup_steps=1, activation_checkpointing=False)
-    recs = Trainer(base, cfg, view, tmp_path / "run", collate_fn=collate, progress=False,
+    recs = Trainer(base, cfg, mixture, tmp_path / "run", collate_fn=collate, progress=False,
                    batch_transform=BatchEncoder(enc)).run()
     assert len(recs) == 2 and all(r["loss_action"] > 0 and r["loss_video"] > 0 for r in recs)
 
 
 def test_data_order_does_not_depend_on_the_world_size():
-    cfg = TrainConfig(steps=5, batch_size=2, grad_accum=2)
-    one = list(StepBatchSampler(7, cfg, 0, 1, 0))
-    two = [list(StepBatchSampler(7, TrainConfig(steps=5, batch_size=1, grad_accum=2), r, 2, 0)) for r in (0, 1)]
+    def sampler(B, rank, world, start=0):
+        return StepSampler(7, batch_size=B, grad_accum=2, steps=5, seed=0, rank=rank, world_size=world,
+                           start_step=start)
+    one = list(sampler(2, 0, 1))
+    two = [list(sampler(1, r, 2)) for r in (0, 1)]
     flat_one = [i for b in one for i in b]
     flat_two = [i for step in range(10) for r in (0, 1) for i in two[r][step]]
     assert flat_one == flat_two
-    resumed = list(StepBatchSampler(7, cfg, 0, 1, 3))
+    resumed = list(sampler(2, 0, 1, start=3))
     assert resumed == one[3 * 2:]
     assert sorted(flat_one[:7]) == list(range(7))                 # an epoch is a permutation
+    assert sorted(flat_one[7:14]) == list(range(7)) and flat_one[7:14] != flat_one[:7]
 
 
 def test_lr_schedule():
