@@ -213,18 +213,23 @@ def infer_config(sd: dict[str, torch.Tensor], base: Optional[MotusConfig] = None
 
 
 # ---- entry points ----------------------------------------------------------------------------------------
+def upstream_model_config(sd: dict[str, torch.Tensor], upstream_config: Optional[str | Path | dict] = None):
+    """MotusConfig of a canonical upstream state dict: from upstream config JSON values when given, else inferred
+    from the tensor shapes."""
+    if upstream_config is None:
+        return infer_config(sd)
+    if not isinstance(upstream_config, dict):
+        upstream_config = json.loads(Path(upstream_config).read_text())
+    return config_from_upstream_json(upstream_config)
+
+
 def header_config(path: str | Path, upstream_config: Optional[str | Path | dict] = None):
     """What an official checkpoint holds, without converting it: (MotusConfig, Motus parameter count, stored
     dtypes, number of VLM tensors). Tensors are memory-mapped, not read."""
     raw = read_checkpoint(path)
     n_vlm = sum(1 for k in raw if k.startswith(VLM_PREFIXES))
     sd = canonical_state_dict(raw)
-    if upstream_config is not None:
-        if not isinstance(upstream_config, dict):
-            upstream_config = json.loads(Path(upstream_config).read_text())
-        cfg = config_from_upstream_json(upstream_config)
-    else:
-        cfg = infer_config(sd)
+    cfg = upstream_model_config(sd, upstream_config)
     n = sum(t.numel() for t in sd.values())
     dtypes = "/".join(sorted({str(t.dtype).removeprefix("torch.") for t in sd.values()}))
     return cfg, n, dtypes, n_vlm
@@ -237,13 +242,7 @@ def load_upstream(path: str | Path, config: Optional[MotusConfig] = None, dtype:
     from motus_fast.model import Motus
 
     sd = canonical_state_dict(read_checkpoint(path))
-    if config is None:
-        if upstream_config is not None:
-            if not isinstance(upstream_config, dict):
-                upstream_config = json.loads(Path(upstream_config).read_text())
-            config = config_from_upstream_json(upstream_config)
-        else:
-            config = infer_config(sd)
+    config = config or upstream_model_config(sd, upstream_config)
     with torch.device("meta"):
         model = Motus(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
