@@ -1,13 +1,17 @@
-"""`motus-fast stats` (normalisation statistics) and `motus-fast encode-text` (the umT5 cache).
+"""`motus-fast stats` (normalisation statistics), `motus-fast encode` (the encoded cache `train --cache` reads) and
+`motus-fast encode-text` (the umT5 cache).
 
     motus-fast stats --dataset /data/robotwin --dataset /data/aloha --out stats.json
     motus-fast stats --config data.json --out stats.json            # the datasets of a DataConfig JSON
+    motus-fast encode --data data.json --wan Wan2.2-TI2V-5B --vlm Qwen3-VL-2B-Instruct --out cache/
+    torchrun --nproc-per-node 8 -m motus_fast.cli encode --data data.json --wan ... --vlm ... --out cache/
     motus-fast encode-text --config data.json --text-encoder tiny --out text_cache.safetensors
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 
 def _specs(args) -> tuple:
@@ -82,6 +86,86 @@ def cmd_encode_text(args) -> None:
     print(f"encoded {len(texts)} unique instruction(s) with {args.text_encoder!r} -> {path}")
 
 
+def _distributed():
+    """(rank, world size) under torchrun (a gloo group for the barrier), else (0, 1)."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return int(os.environ.get("RANK", "0")), world
+
+
+def build_encoders(args, model_cfg, use_vlm: bool, device=None):
+    """(encoders, their description) from --encoders tiny or --wan/--vlm [--t5]; per-sample preprocessing (no text
+    padding rows: batches pad and record lengths later)."""
+    import torch
+
+    if args.wan is None:
+        if args.encoders != "tiny":
+            raise SystemExit("give --wan and --vlm (the real encoders), or --encoders tiny")
+        from motus_fast.encoders import build_tiny_encoders
+        enc = build_tiny_encoders(model_cfg, seed=args.encoder_seed, use_vlm=use_vlm)
+        return enc, {"kind": "tiny", "seed": args.encoder_seed, "use_vlm": use_vlm}
+    if use_vlm and args.vlm is None:
+        raise SystemExit("--vlm is needed (the und stream reads Qwen3-VL features) unless --train stage=1")
+    from motus_fast.encoders import load_encoders
+    from motus_fast.encoders.load import describe_encoders
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.encoder_dtype]
+    vlm = args.vlm if use_vlm else None
+    desc = {"kind": "real", **describe_encoders(args.wan, vlm, args.t5, dtype=dtype)}
+    enc = load_encoders(args.wan, vlm, t5=args.t5, dtype=dtype, device=device, progress=False)
+    check_widths(enc, model_cfg, f"--wan {args.wan} / --vlm {vlm}")
+    return enc, desc
+
+
+def check_widths(enc, model_cfg, where: str) -> None:
+    """The encoders' output widths must be what the model reads."""
+    pairs = [("latent channels", enc.latent_channels, "video.in_channels", model_cfg.video.in_channels),
+             ("umT5 width", enc.text_dim, "video.text_dim", model_cfg.video.text_dim)]
+    if enc.vlm_dim is not None:
+        pairs.append(("VLM hidden size", enc.vlm_dim, "und.vlm_dim", model_cfg.und.vlm_dim))
+    for what, got, field, want in pairs:
+        if got != want:
+            raise SystemExit(f"{where}: the encoders' {what} is {got}, the model's {field} is {want}")
+
+
+def add_encoder_args(p) -> None:
+    p.add_argument("--wan", metavar="DIR", help="Wan2.2-TI2V-5B folder (either layout): the VAE and umT5")
+    p.add_argument("--vlm", metavar="DIR", help="Qwen3-VL folder")
+    p.add_argument("--t5", metavar="PATH", help="a umT5 encoder instead of the one in --wan")
+    p.add_argument("--encoder-dtype", default="bf16", choices=["fp32", "bf16"], help="umT5 and VLM dtype (the VAE "
+                   "runs in fp32)")
+    p.add_argument("--encoder-seed", type=int, default=0, help="seed of --encoders tiny")
+
+
+def cmd_encode(args) -> None:
+    import torch
+
+    from motus_fast.config import config_from_args
+    from motus_fast.data import DataConfig
+    from motus_fast.data.encoded import encode_mixture, write_index
+    from motus_fast.data.mixture import build_mixture
+
+    rank, world = _distributed()
+    device = torch.device(args.device or (f"cuda:{int(__import__('os').environ.get('LOCAL_RANK', 0))}"
+                                          if torch.cuda.is_available() else "cpu"))
+    model_cfg = config_from_args(args)           # the widths the encoders must produce
+    data_cfg = DataConfig.from_dict(json.loads(Path(args.data).read_text())).for_stage(args.stage)
+    enc, desc = build_encoders(args, model_cfg, use_vlm=args.stage != 1, device=device)
+    mixture = build_mixture(data_cfg)
+    n = encode_mixture(mixture, enc, args.out, desc, rank, world, progress=not args.quiet)
+    print(f"rank {rank}/{world}: encoded {n} episode(s) into {args.out}", flush=True)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        print(f"wrote {write_index(mixture, args.out, desc)}", flush=True)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
 def register(sub) -> None:
     from motus_fast.config import add_config_args
 
@@ -101,3 +185,15 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", required=True, metavar="SAFETENSORS")
     p.set_defaults(func=cmd_encode_text)
+
+    p = sub.add_parser("encode", help="run the frozen encoders over a dataset once -> an encoded cache for `train "
+                       "--cache` (resumable; torchrun: one rank per GPU, every N-th episode each)")
+    p.add_argument("--data", required=True, metavar="JSON", help="a DataConfig JSON file")
+    p.add_argument("--stage", type=int, default=3, choices=[1, 2, 3], help="which stage's datasets")
+    add_encoder_args(p)
+    p.add_argument("--encoders", default="real", choices=["real", "tiny"], help="tiny: random in-process (tests)")
+    add_config_args(p, "tiny")
+    p.add_argument("--device", default=None, help="default: this rank's GPU, else cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_encode)

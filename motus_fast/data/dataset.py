@@ -112,10 +112,11 @@ def _default_keys(source: EpisodeSource) -> tuple[Optional[str], Optional[str]]:
 
 class MotusDataset(Dataset):
     """One dataset of a DataConfig, windowed. ``stats``: its normalisation statistics (None with mode "none");
-    ``text_cache``: a TextCache; ``vlm_preprocess``: ``(image uint8 [H, W, 3], text) -> dict`` run per sample."""
+    ``text_cache``: a TextCache; ``vlm_preprocess``: ``(image uint8 [H, W, 3], text) -> dict`` run per sample;
+    ``read_frames`` False: samples carry no frames (their encodings come from an encoded cache)."""
 
     def __init__(self, spec: DatasetSpec, cfg: DataConfig, stats: Optional[DatasetStats] = None,
-                 text_cache=None, vlm_preprocess=None):
+                 text_cache=None, vlm_preprocess=None, read_frames: bool = True):
         self.spec, self.cfg, self.window = spec, cfg, cfg.window
         self.name = spec.display_name
         kwargs = {}
@@ -172,7 +173,7 @@ class MotusDataset(Dataset):
         self.offsets = np.concatenate([[0], np.cumsum(self.windows_per_episode)])
         if self.offsets[-1] == 0:
             raise DataError("no usable window (every episode is shorter than 2 frames)", root=self.root)
-        self.text_cache, self.vlm_preprocess = text_cache, vlm_preprocess
+        self.text_cache, self.vlm_preprocess, self.read_frames = text_cache, vlm_preprocess, read_frames
         clip = (dataclasses.astuple(self.window), cfg.height, cfg.width, spec.layout, tuple(self.cameras),
                 self.condition_stride)
         self.fingerprint = hashlib.sha256(repr(clip).encode()).hexdigest()[:12]
@@ -240,11 +241,15 @@ class MotusDataset(Dataset):
     def _load(self, ep: int, cond: int, draw: int) -> Sample:
         info = self.source.episodes[ep]
         video_idx, action_idx = self.window.indices(cond, info.length)
-        frame_idx = np.concatenate([[cond], video_idx])
-        uniq, inverse = np.unique(frame_idx, return_inverse=True)
-        per_camera = [self.source.read_frames(ep, cam, uniq)[inverse] for cam in self.cameras]
-        frames = resize_with_pad(compose(per_camera, self.spec.layout), self.cfg.height, self.cfg.width)
-        frames_t = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)   # T, 3, H, W
+        frames = None
+        if self.read_frames:
+            frame_idx = np.concatenate([[cond], video_idx])
+            uniq, inverse = np.unique(frame_idx, return_inverse=True)
+            per_camera = [self.source.read_frames(ep, cam, uniq)[inverse] for cam in self.cameras]
+            frames = resize_with_pad(compose(per_camera, self.spec.layout), self.cfg.height, self.cfg.width)
+            frames_t = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)   # T, 3, H, W
+        else:
+            frames_t = torch.empty((0, 3, self.cfg.height, self.cfg.width), dtype=torch.uint8)
 
         mode = self.cfg.normalization
         K = self.window.chunk_size
@@ -284,7 +289,8 @@ class MotusDataset(Dataset):
                 text = embeddings[pick].float()
         if text is None and self.text_cache is not None:
             text = self.text_cache.get(instruction)
-        vlm_inputs = None if self.vlm_preprocess is None else self.vlm_preprocess(frames[0], instruction)
+        vlm_inputs = None if self.vlm_preprocess is None or frames is None else self.vlm_preprocess(frames[0],
+                                                                                                     instruction)
         return Sample(frames=frames_t, actions=torch.from_numpy(np.asarray(actions, dtype=np.float32)),
                       state=None if state is None else torch.from_numpy(np.asarray(state, dtype=np.float32)),
                       has_actions=has_actions, instruction=instruction,

@@ -136,7 +136,7 @@ class StepSampler(Sampler):
 
 
 def build_mixture(cfg: DataConfig, stats: Optional[dict[str, DatasetStats]] = None, text_cache=None,
-                  vlm_prompt=None) -> MixtureDataset:
+                  vlm_prompt=None, read_frames: bool = True) -> MixtureDataset:
     """All datasets of ``cfg`` as one mixture. ``stats``: per dataset name (default: read cfg.stats_path);
     ``text_cache``: a TextCache (default: open cfg.text_cache); ``vlm_prompt``: the VLM's per-sample prompt
     builder (``encoders.vlm_prompt``), run in the workers."""
@@ -154,7 +154,7 @@ def build_mixture(cfg: DataConfig, stats: Optional[dict[str, DatasetStats]] = No
         if cfg.normalization != "none" and s is None and spec.actions != "none":
             raise ValueError(f"no statistics for dataset {spec.display_name!r} in {cfg.stats_path} (has "
                              f"{sorted(stats)})")
-        datasets.append(MotusDataset(spec, cfg, s, text_cache, vlm_prompt))
+        datasets.append(MotusDataset(spec, cfg, s, text_cache, vlm_prompt, read_frames))
     dims = {d.action_dim for d in datasets}
     if len(dims) != 1:
         raise ValueError(f"datasets give action chunks of widths {sorted(dims)}; set data.action_dim to pad them")

@@ -149,3 +149,27 @@ def describe_qwen3_vl(path: str | Path, with_weights: bool = True) -> dict:
         with open_weights(folder, prefer=("model",)) as src:
             out["params"], out["dtype"] = _stored(src)
     return out
+
+
+def describe_encoders(wan: str | Path, vlm: str | Path | None, t5: str | Path | None = None, *,
+                      dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype = torch.float32) -> dict:
+    """What identifies a bundle ``load_encoders`` would build (for caches made with it): each component's files,
+    layout, sizes and stored dtype, the run dtypes, and a hash of the VLM's chat template."""
+    import hashlib
+
+    files = wan_files(wan, t5)
+    out = {"vae": describe_vae(files.vae), "umt5": describe_umt5(files.t5),
+           "tokenizer": None if files.tokenizer is None else str(files.tokenizer.resolve()),
+           "dtype": str(dtype).removeprefix("torch."), "vae_dtype": str(vae_dtype).removeprefix("torch.")}
+    for part in ("vae", "umt5"):
+        out[part]["path"] = str(Path(out[part]["path"]).resolve())
+    if vlm is not None:
+        d = describe_qwen3_vl(vlm)
+        d.pop("problems")
+        d["path"] = str(Path(d["path"]).resolve())
+        folder = Path(d["path"])
+        template = "".join((folder / f).read_text() for f in ("chat_template.jinja", "chat_template.json",
+                                                              "tokenizer_config.json") if (folder / f).is_file())
+        d["prompt_sha256"] = hashlib.sha256(template.encode()).hexdigest()[:16]
+        out["vlm"] = d
+    return out

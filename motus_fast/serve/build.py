@@ -41,7 +41,7 @@ class PolicySpec:
     wan: Optional[str] = None                   # Wan2.2-TI2V-5B folder (either layout) or Wan2.2_VAE.pth
     vlm: Optional[str] = None                   # Qwen3-VL folder (config, tokenizer, processor, chat template)
     t5: Optional[str] = None                    # umT5 encoder instead of the one in `wan`
-    attend_padding: bool = True                 # upstream attends text/VLM padding rows
+    attend_padding: Optional[bool] = None       # None: the checkpoint's hint, else True (upstream attends padding)
     device: Optional[str] = None                # default: cuda if available
     dtype: Optional[str] = None                 # fp32 | bf16 | fp16; default: bf16 on cuda, fp32 on cpu
     steps: Optional[int] = None
@@ -82,7 +82,8 @@ class PolicySpec:
 
 def _shipped_encoders(checkpoint: str) -> Path:
     from motus_fast.encoders import PatchPCAEncoders
-    return Path(checkpoint) / PatchPCAEncoders.FILENAME
+    from motus_fast.weights.native import resolve_checkpoint
+    return resolve_checkpoint(checkpoint) / PatchPCAEncoders.FILENAME
 
 
 # ---- preflight --------------------------------------------------------------------------------------------------
@@ -116,11 +117,11 @@ class CheckReport:
 
 def _motus_component(spec: PolicySpec) -> tuple[dict, "object"]:
     """The Motus checkpoint's description and its MotusConfig, from headers only."""
-    from motus_fast.weights.native import is_checkpoint_dir, load_config
+    from motus_fast.weights.native import is_checkpoint_dir, load_config, resolve_checkpoint
     from motus_fast.weights.sources import open_weights
     from motus_fast.weights.upstream import VLM_PREFIXES, header_config
 
-    path = Path(spec.checkpoint)
+    path = resolve_checkpoint(spec.checkpoint)
     if is_checkpoint_dir(path):
         cfg = load_config(path)
         with open_weights(path / "model.safetensors") as src:
@@ -266,7 +267,8 @@ def build_policy(spec: PolicySpec, server: Optional[ServeConfig] = None):
     hints = extra.get("serve", {})       # written by trainers that know the data geometry (e.g. the demo)
     image_size = tuple(spec.image_size or hints.get("image_size", DEFAULT_IMAGE_SIZE))
     num_frames = spec.num_frames or hints.get("num_frames", 2)
-    encoders = _build_encoders(spec, kind, model.cfg, image_size, device, dtype)
+    attend_padding = spec.attend_padding if spec.attend_padding is not None else hints.get("attend_padding", True)
+    encoders = _build_encoders(spec, kind, model.cfg, image_size, device, dtype, attend_padding)
     engine = InferenceEngine(model, encoders, steps=spec.steps, shift=spec.shift, cuda_graphs=spec.cuda_graphs,
                              instruction_cache=spec.instruction_cache)
     config = dataclasses.replace(server or ServeConfig(), num_frames=num_frames, execute_steps=spec.execute_steps)
@@ -289,7 +291,7 @@ def _load_model(spec: PolicySpec, device: torch.device, dtype: torch.dtype):
     return model.to(dtype).eval(), {}, f"random {spec.preset}"
 
 
-def _build_encoders(spec: PolicySpec, kind: str, cfg, image_size, device, dtype):
+def _build_encoders(spec: PolicySpec, kind: str, cfg, image_size, device, dtype, attend_padding: bool):
     from motus_fast.encoders import PatchPCAEncoders, StubEncoders, load_encoders
     from motus_fast.weights.mapping import CheckpointError
 
@@ -300,7 +302,7 @@ def _build_encoders(spec: PolicySpec, kind: str, cfg, image_size, device, dtype)
             log.warning("VLM weights: the checkpoint carries none; using the Qwen3-VL folder's own weights (%s)",
                         spec.vlm)
         return load_encoders(spec.wan, spec.vlm, t5=spec.t5, vlm_weights=vlm_weights, vlm_weights_name=where,
-                             text_len=cfg.video.text_len, image_size=image_size, attend_padding=spec.attend_padding,
+                             text_len=cfg.video.text_len, image_size=image_size, attend_padding=attend_padding,
                              dtype=dtype, device=device, progress=False)
     if kind == "checkpoint":
         shipped = _shipped_encoders(spec.checkpoint)

@@ -16,36 +16,65 @@ class TrainData:
     extra: Optional[dict] = None
 
 
-def build_dataset(spec: str, model_cfg, stage: int, seed: int, encoders: str) -> TrainData:
-    """`spec`: `synthetic[:N]` (N synthetic samples: tests, smoke runs) or a DataConfig JSON file (motus_fast.data),
-    read for this stage and encoded by `encoders` (`tiny`: tiny random in-process encoders, CPU runs and CI)."""
-    import json
-
+def build_dataset(args, model_cfg, stage: int, seed: int) -> TrainData:
+    """The training data of `args.data`: `synthetic[:N]` (N synthetic samples: tests, smoke runs) or a DataConfig
+    JSON file read for this stage, encoded by one of
+    - `--cache DIR`: an encoded cache from `motus-fast encode` (no frame is decoded, no encoder runs);
+    - `--wan DIR --vlm DIR`: the real frozen encoders, run online per sample on the training device;
+    - `--encoders tiny`: tiny random in-process encoders (CPU runs and CI).
+    Every mismatch (cache vs data or model, encoder widths vs model) is an error before training starts."""
     from motus_fast.train.stages import model_config_for_stage
     cfg = model_config_for_stage(model_cfg, stage)
+    spec = args.data
     if spec.startswith("synthetic"):
         from motus_fast.data.synthetic import SyntheticDataset
         size = int(spec.split(":", 1)[1]) if ":" in spec else 64
         return TrainData(SyntheticDataset(cfg, size=size, seed=seed))
+    import json
     from pathlib import Path
 
     from motus_fast.data import DataConfig
-    from motus_fast.data.encode import EncodedDataset
     from motus_fast.data.mixture import build_mixture
     path = Path(spec)
     if not path.is_file():
         raise SystemExit(f"--data {spec!r}: not `synthetic[:N]` and no such DataConfig JSON file")
     data_cfg = DataConfig.from_dict(json.loads(path.read_text())).for_stage(stage)
-    if encoders != "tiny":
-        raise SystemExit(f"--encoders {encoders!r}: only `tiny` is wired into the trainer so far")
-    from motus_fast.encoders import build_tiny_encoders
-    enc = build_tiny_encoders(cfg, seed=seed, use_vlm=stage != 1)
-    mixture = build_mixture(data_cfg, vlm_prompt=enc.vlm_prompt if enc.vlm_dim is not None else None)
-    extra = {"norm_mode": data_cfg.normalization, "data": data_cfg.to_dict()}
+    # serving hints: the frame size trained on, and padding masked (training batches record exact lengths)
+    extra = {"norm_mode": data_cfg.normalization, "data": data_cfg.to_dict(),
+             "serve": {"image_size": [data_cfg.height, data_cfg.width], "attend_padding": False}}
     if data_cfg.stats_path:
         from motus_fast.data.norm import load_stats, stats_to_json
         extra["norm_stats"] = stats_to_json(load_stats(data_cfg.stats_path))
+    if args.cache:
+        from motus_fast.data.encoded import CachedDataset, EncodedCache, describe
+        mixture = build_mixture(data_cfg, read_frames=False)
+        index = EncodedCache(args.cache).index
+        cache = EncodedCache(args.cache, expect=describe(index["encoders"], mixture))
+        cache.check_shards()
+        dataset = CachedDataset(mixture, cache)
+        _check_cached_widths(dataset, cfg, args.cache)
+        extra["encoders"] = index["encoders"]
+        return TrainData(dataset, mixture=mixture, extra=extra)
+    import torch
+
+    from motus_fast.data.cli import build_encoders
+    from motus_fast.data.encode import EncodedDataset
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    enc, desc = build_encoders(args, cfg, use_vlm=stage != 1, device=device)
+    mixture = build_mixture(data_cfg, vlm_prompt=enc.vlm_prompt if enc.vlm_dim is not None else None)
+    extra["encoders"] = desc
     return TrainData(EncodedDataset(mixture, enc), mixture=mixture, extra=extra)
+
+
+def _check_cached_widths(dataset, cfg, where: str) -> None:
+    fb = dataset[(0, 0)]
+    pairs = [("latent channels", fb.video.shape[1], "video.in_channels", cfg.video.in_channels),
+             ("text width", fb.cond.text.shape[-1], "video.text_dim", cfg.video.text_dim)]
+    if fb.cond.vlm is not None:
+        pairs.append(("VLM width", fb.cond.vlm.shape[-1], "und.vlm_dim", cfg.und.vlm_dim))
+    for what, got, field, want in pairs:
+        if got != want:
+            raise SystemExit(f"--cache {where}: the cached {what} is {got}, the model's {field} is {want}")
 
 
 def cmd_train(args) -> None:
@@ -56,9 +85,13 @@ def cmd_train(args) -> None:
 
     model_cfg = config_from_args(args)
     train_cfg = TrainConfig().override(parse_overrides(args.train))
-    data = build_dataset(args.data, model_cfg, train_cfg.stage, train_cfg.seed, args.encoders)
+    data = build_dataset(args, model_cfg, train_cfg.stage, train_cfg.seed)
+    workers = args.workers
+    if args.wan and workers:             # online encoders live on the training device, in this process
+        print("motus-fast train: --wan/--vlm encode online in the loader process; --workers set to 0")
+        workers = 0
     try:
-        Trainer(model_cfg, train_cfg, data.dataset, args.out, collate_fn=data.collate_fn, num_workers=args.workers,
+        Trainer(model_cfg, train_cfg, data.dataset, args.out, collate_fn=data.collate_fn, num_workers=workers,
                 extra=data.extra, mixture=data.mixture).run(resume=args.resume)
     finally:
         shutdown()
@@ -71,7 +104,11 @@ def register(sub) -> None:
     p.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TrainConfig field, e.g. --train stage=2 --train steps=500 (repeatable)")
     p.add_argument("--data", default="synthetic", help="`synthetic[:N]` or a DataConfig JSON file")
-    p.add_argument("--encoders", default="tiny", help="encoders at the data edge (`tiny`: random, in-process)")
+    p.add_argument("--encoders", default="tiny", choices=["tiny"], help="without --cache/--wan: tiny random "
+                   "in-process encoders (tests, smoke runs)")
+    p.add_argument("--cache", metavar="DIR", help="an encoded cache from `motus-fast encode` (the fast path)")
+    from motus_fast.data.cli import add_encoder_args
+    add_encoder_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="run directory (checkpoints, metrics, tensorboard)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")

@@ -58,9 +58,22 @@ def load_config(ckpt_dir: str | Path) -> MotusConfig:
     return MotusConfig.from_dict(meta["config"])
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A training run's newest checkpoint when `path` is the run directory or its ``checkpoints/latest`` pointer
+    (a text file naming the step directory); `path` itself otherwise."""
+    p = Path(path)
+    for pointer in (p / "checkpoints" / "latest", p / "latest", p):
+        if pointer.is_file() and pointer.name == "latest":
+            step = pointer.parent / pointer.read_text().strip()
+            if not step.is_dir():
+                raise CheckpointError(f"{pointer}: names {step.name}, which does not exist")
+            return step
+    return p
+
+
 def is_checkpoint_dir(path: str | Path) -> bool:
     """Whether `path` is one of our checkpoint directories (else: an official checkpoint, or nothing)."""
-    p = Path(path)
+    p = resolve_checkpoint(path)
     return p.is_dir() and (p / "config.json").is_file() and (p / "model.safetensors").is_file()
 
 
@@ -119,7 +132,7 @@ def load_vlm_weights(path: str | Path) -> tuple[Optional[dict[str, torch.Tensor]
     from motus_fast.weights.upstream import read_checkpoint, upstream_vlm_state_dict
 
     if is_checkpoint_dir(path):
-        f = Path(path) / VLM_FILE
+        f = resolve_checkpoint(path) / VLM_FILE
         if not f.is_file():
             return None, ""
         from motus_fast.weights.sources import open_weights
@@ -135,6 +148,7 @@ def load_model(path: str | Path, *, dtype: Optional[torch.dtype] = None, device=
     from motus_fast.weights.upstream import load_upstream
 
     if is_checkpoint_dir(path):
+        path = resolve_checkpoint(path)
         return load_pretrained(path, dtype=dtype, device=device).eval(), load_extra(path)
     model = load_upstream(path, dtype=dtype, upstream_config=upstream_config)
     return model.to(device).eval(), {}
