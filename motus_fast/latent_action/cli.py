@@ -58,14 +58,28 @@ def cmd_label(args) -> None:
     from motus_fast.latent_action.frames import open_frame_source
     from motus_fast.latent_action.label import label_latent_actions
 
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))      # under torchrun: every N-th episode per rank
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
     meta = read_checkpoint_meta(args.checkpoint)
-    model = load_latent_action_model(args.checkpoint, device=torch.device(args.device))
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+    model = load_latent_action_model(args.checkpoint, device=torch.device(device))
     cfg = model.cfg
     source = open_frame_source(args.dataset, frame_step=cfg.frame_spacing, size=cfg.flow.flow_size,
                                camera=args.camera)
     out = label_latent_actions(model, source, args.out or args.dataset, checkpoint=args.checkpoint,
                                checkpoint_step=int(meta.get("step", 0)), dataset=str(Path(args.dataset).resolve()),
-                               batch_size=args.batch_size, overwrite=args.overwrite)
+                               batch_size=args.batch_size, overwrite=args.overwrite, rank=rank, world_size=world,
+                               barrier=dist.barrier if world > 1 else None)
+    if world > 1:
+        dist.destroy_process_group()
+    if rank:
+        return
     print(f"latent actions ({cfg.model.latent_dim}-D, one per {cfg.frame_spacing} raw frames) written to {out}")
 
 
@@ -82,13 +96,14 @@ def register(sub) -> None:
                    help="override a config field, e.g. --set train.steps=1000 --set frame_spacing=6 (repeatable)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("label-latent-actions", help="write per-episode latent actions for stage-2 training")
+    p = sub.add_parser("label-latent-actions", help="write per-episode latent actions for stage-2 training "
+                       "(torchrun: one rank per GPU, every N-th episode each)")
     p.add_argument("--dataset", required=True, metavar="DIR",
                    help="LeRobot v3 / RoboTwin dataset root, or a directory of per-episode .mp4 videos")
     p.add_argument("--camera", default=None, help="camera of a LeRobot/RoboTwin dataset (default: the first)")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="a train-latent-actions checkpoint")
     p.add_argument("--out", metavar="DIR", help="where latent_actions/ goes (default: the dataset directory)")
     p.add_argument("--batch-size", type=int, default=64, help="latent steps encoded per forward pass")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None, help="default: this rank's GPU, else cpu")
     p.add_argument("--overwrite", action="store_true", help="replace an existing latent_actions/ directory")
     p.set_defaults(func=cmd_label)

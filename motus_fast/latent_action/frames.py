@@ -36,7 +36,12 @@ class Episode:
 
 
 class FrameSource(Protocol):
+    """Episodes in order; ``shard(rank, world_size)`` keeps every world_size-th one (positions rank, rank + N, ...)
+    and skips the others without decoding them."""
+
     def __len__(self) -> int: ...
+
+    def shard(self, rank: int, world_size: int) -> None: ...
 
     def __iter__(self) -> Iterator[Episode]: ...
 
@@ -99,7 +104,24 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, codec: str = "
 _TRAILING_INT = re.compile(r"(\d+)$")
 
 
-class VideoDirectory:
+class _Sharded:
+    """Position filter shared by the frame sources (see ``FrameSource.shard``)."""
+
+    rank, world_size = 0, 1
+
+    def shard(self, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.rank, self.world_size = rank, world_size
+
+    def keep(self, position: int) -> bool:
+        return position % self.world_size == self.rank
+
+    def kept(self, n: int) -> int:
+        return len(range(self.rank, n, self.world_size))
+
+
+class VideoDirectory(_Sharded):
     """One video per episode in `root` (files matching `pattern`, sorted by name). Episode indices: the trailing
     number of every file name (``episode_000123.mp4`` -> 123) when all have one and they are unique, otherwise the
     position in sorted order."""
@@ -124,16 +146,18 @@ class VideoDirectory:
             self.indices = list(range(len(self.paths)))
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return self.kept(len(self.paths))
 
     def __iter__(self) -> Iterator[Episode]:
-        for index, path in zip(self.indices, self.paths):
+        for pos, (index, path) in enumerate(zip(self.indices, self.paths)):
+            if not self.keep(pos):
+                continue
             frames, fps, n = read_video(path, self.frame_step, self.size)
             yield Episode(index=index, frames=frames, fps=fps, num_raw_frames=n, frame_step=self.frame_step,
                           source=str(path))
 
 
-class EpisodeList:
+class EpisodeList(_Sharded):
     """Episodes already in memory: videos uint8 [T, H, W, 3] each, indexed 0.. (or by `indices`)."""
 
     def __init__(self, videos: Sequence[np.ndarray], fps: float, frame_step: int = 1,
@@ -149,10 +173,12 @@ class EpisodeList:
             raise ValueError("indices must be unique, one per video")
 
     def __len__(self) -> int:
-        return len(self.videos)
+        return self.kept(len(self.videos))
 
     def __iter__(self) -> Iterator[Episode]:
-        for index, v in zip(self.indices, self.videos):
+        for pos, (index, v) in enumerate(zip(self.indices, self.videos)):
+            if not self.keep(pos):
+                continue
             frames = v[::self.frame_step]
             if self.size is not None:
                 from motus_fast.latent_action.optical_flow import resize_frames
@@ -161,7 +187,7 @@ class EpisodeList:
                           frame_step=self.frame_step, source=f"in-memory video {index}")
 
 
-class DatasetEpisodes:
+class DatasetEpisodes(_Sharded):
     """Frames of one camera of a data-stack dataset (an ``EpisodeSource``), every `frame_step` frames."""
 
     def __init__(self, source, camera: Optional[str] = None, frame_step: int = 1,
@@ -180,10 +206,12 @@ class DatasetEpisodes:
         self.source, self.camera, self.frame_step, self.size = source, camera, frame_step, size
 
     def __len__(self) -> int:
-        return len(self.source.episodes)
+        return self.kept(len(self.source.episodes))
 
     def __iter__(self) -> Iterator[Episode]:
         for pos, info in enumerate(self.source.episodes):
+            if not self.keep(pos):
+                continue
             frames = self.source.read_frames(pos, self.camera, range(0, info.length, self.frame_step))
             if self.size is not None:
                 from motus_fast.latent_action.optical_flow import resize_frames

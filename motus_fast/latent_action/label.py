@@ -23,7 +23,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -53,23 +53,32 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 def label_latent_actions(model: LatentActionVAE, source: FrameSource, out_root: str | Path, *,
                          checkpoint: str | Path, checkpoint_step: int = 0, dataset: str = "",
                          batch_size: int = 64, estimator: Optional[FlowEstimator] = None, overwrite: bool = False,
-                         progress: bool = True) -> Path:
+                         progress: bool = True, rank: int = 0, world_size: int = 1,
+                         barrier: Optional[Callable[[], None]] = None) -> Path:
     """Encode every latent step of every episode of `source` (frames every cfg.frame_spacing raw frames) and write
-    the files described in the module docstring under <out_root>/latent_actions/. Returns that directory."""
+    the files described in the module docstring under <out_root>/latent_actions/. Returns that directory.
+
+    Sharded (torchrun): rank r labels every `world_size`-th episode and records them in ``meta.rank<r>.json``;
+    `barrier` synchronises the ranks; rank 0 then writes meta.json with the statistics computed from all the files
+    in episode order, exactly as one process does."""
     from tqdm.auto import tqdm
 
     cfg = model.cfg
     out = Path(out_root) / SUBDIR
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} already holds files; pass --overwrite to replace them")
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for stale in list(out.glob("episode_*.npy")) + [out / "meta.json"]:
-            stale.unlink(missing_ok=True)
+    sync = barrier or (lambda: None)
+    if rank == 0:
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise FileExistsError(f"{out} already holds files; pass --overwrite to replace them")
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for stale in list(out.glob("episode_*.npy")) + list(out.glob("meta*.json")):
+                stale.unlink(missing_ok=True)
+    sync()
+    source.shard(rank, world_size)
     estimator = estimator or make_flow_estimator(cfg.flow)
     device = next(model.parameters()).device
     model.eval()
-    episodes, too_short, total, s1, s2 = {}, [], 0, np.zeros(cfg.model.latent_dim), np.zeros(cfg.model.latent_dim)
+    episodes, too_short = {}, []
     bar = tqdm(source, total=len(source), desc="latent actions", unit="episode", disable=not progress)
     for ep in bar:
         if ep.frame_step != cfg.frame_spacing:
@@ -91,12 +100,32 @@ def label_latent_actions(model: LatentActionVAE, source: FrameSource, out_root: 
             continue
         latents = np.concatenate(rows)
         _save_npy(out / episode_file(ep.index), latents.astype(np.float32))
-        total += latents.shape[0]
-        s1 += latents.sum(0)
-        s2 += np.square(latents.astype(np.float64)).sum(0)
         episodes[str(ep.index)] = {"file": episode_file(ep.index), "num_steps": int(latents.shape[0]),
                                    "num_raw_frames": int(ep.num_raw_frames), "fps": float(ep.fps),
                                    "source": ep.source}
+    _write_json(out / f"meta.rank{rank}.json", {"episodes": episodes, "too_short": too_short})
+    sync()
+    if rank != 0:
+        return out
+    for r in range(world_size):                     # merge the ranks' parts
+        part = out / f"meta.rank{r}.json"
+        if not part.is_file():
+            raise FileNotFoundError(f"{part}: rank {r} did not finish")
+        d = json.loads(part.read_text())
+        clash = set(d["episodes"]) & set(episodes) if r else set()
+        if clash:
+            raise ValueError(f"episode indices {sorted(clash)[:5]} labelled by two ranks (duplicate indices?)")
+        if r:
+            episodes.update(d["episodes"])
+            too_short += d["too_short"]
+        part.unlink()
+    episodes = dict(sorted(episodes.items(), key=lambda kv: int(kv[0])))
+    s1, s2, total = np.zeros(cfg.model.latent_dim), np.zeros(cfg.model.latent_dim), 0
+    for info in episodes.values():                  # statistics in episode order, whatever the sharding
+        latents = np.load(out / info["file"])
+        total += latents.shape[0]
+        s1 += latents.sum(0)
+        s2 += np.square(latents.astype(np.float64)).sum(0)
     mean = s1 / max(total, 1)
     std = np.sqrt(np.maximum(s2 / max(total, 1) - mean ** 2, 0.0))
     meta = {"format": FORMAT, "dim": cfg.model.latent_dim, "frame_spacing": cfg.frame_spacing,
@@ -104,10 +133,14 @@ def label_latent_actions(model: LatentActionVAE, source: FrameSource, out_root: 
             "config_hash": cfg.config_hash(), "image_size": list(cfg.model.image_size),
             "flow": cfg.to_dict()["flow"], "dataset": dataset,
             "stats": {"mean": mean.tolist(), "std": std.tolist(), "count": total}, "episodes": episodes,
-            "too_short": too_short}
-    tmp = out / f".meta.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out / "meta.json")
+            "too_short": sorted(too_short)}
+    _write_json(out / "meta.json", meta)
     log.info("wrote latent actions of %d episodes (%d steps) to %s", len(episodes), total, out)
     return out
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
 
