@@ -43,12 +43,12 @@ def save_state_dict(state_dict: dict, cfg: MotusConfig, out_dir: str | Path, dty
 
 def load_extra(ckpt_dir: str | Path) -> dict:
     """The "extra" metadata stored with a checkpoint (norm stats, ...); {} if none."""
-    path = Path(ckpt_dir) / "config.json"
+    path = resolve_checkpoint(ckpt_dir) / "config.json"
     return json.loads(path.read_text()).get("extra", {}) if path.is_file() else {}
 
 
 def load_config(ckpt_dir: str | Path) -> MotusConfig:
-    path = Path(ckpt_dir) / "config.json"
+    path = resolve_checkpoint(ckpt_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (a motus_fast checkpoint directory has config.json and "
                               "model.safetensors)")
@@ -82,7 +82,7 @@ def read_weights(ckpt_dir: str | Path, device=None) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(ckpt_dir) / "model.safetensors"
+    path = resolve_checkpoint(ckpt_dir) / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (a motus_fast checkpoint directory has config.json and "
                               "model.safetensors)")
@@ -97,7 +97,7 @@ def load_pretrained(ckpt_dir: str | Path, dtype: Optional[torch.dtype] = None, d
     from motus_fast.model import Motus
 
     cfg = load_config(ckpt_dir)
-    path = Path(ckpt_dir) / "model.safetensors"
+    path = resolve_checkpoint(ckpt_dir) / "model.safetensors"
     sd = read_weights(ckpt_dir, device)
     with torch.device("meta"):
         model = Motus(cfg)
