@@ -94,7 +94,7 @@ def test_cli_random_and_missing_engine(tmp_path, monkeypatch, capsys):
     assert "| reach-v3 |" in capsys.readouterr().out
 
     args = build_parser().parse_args(["eval", "metaworld", "--checkpoint", str(tmp_path), "--tasks", "reach-v3"])
-    monkeypatch.setitem(sys.modules, "motus_fast.serve.cli", None)    # as if the engine/server were not there
+    monkeypatch.setitem(sys.modules, "motus_fast.serve.build", None)  # as if the engine/server were not there
     with pytest.raises(SystemExit, match="inference engine"):
         args.func(args)
 
