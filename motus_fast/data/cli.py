@@ -98,38 +98,9 @@ def _distributed():
     return int(os.environ.get("RANK", "0")), world
 
 
-def build_encoders(args, model_cfg, use_vlm: bool, device=None):
-    """(encoders, their description) from --encoders tiny or --wan/--vlm [--t5]; per-sample preprocessing (no text
-    padding rows: batches pad and record lengths later)."""
+def encoder_dtype(name: str):
     import torch
-
-    if args.wan is None:
-        if args.encoders != "tiny":
-            raise SystemExit("give --wan and --vlm (the real encoders), or --encoders tiny")
-        from motus_fast.encoders import build_tiny_encoders
-        enc = build_tiny_encoders(model_cfg, seed=args.encoder_seed, use_vlm=use_vlm)
-        return enc, {"kind": "tiny", "seed": args.encoder_seed, "use_vlm": use_vlm}
-    if use_vlm and args.vlm is None:
-        raise SystemExit("--vlm is needed (the und stream reads Qwen3-VL features) unless --train stage=1")
-    from motus_fast.encoders import load_encoders
-    from motus_fast.encoders.load import describe_encoders
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.encoder_dtype]
-    vlm = args.vlm if use_vlm else None
-    desc = {"kind": "real", **describe_encoders(args.wan, vlm, args.t5, dtype=dtype)}
-    enc = load_encoders(args.wan, vlm, t5=args.t5, dtype=dtype, device=device, progress=False)
-    check_widths(enc, model_cfg, f"--wan {args.wan} / --vlm {vlm}")
-    return enc, desc
-
-
-def check_widths(enc, model_cfg, where: str) -> None:
-    """The encoders' output widths must be what the model reads."""
-    pairs = [("latent channels", enc.latent_channels, "video.in_channels", model_cfg.video.in_channels),
-             ("umT5 width", enc.text_dim, "video.text_dim", model_cfg.video.text_dim)]
-    if enc.vlm_dim is not None:
-        pairs.append(("VLM hidden size", enc.vlm_dim, "und.vlm_dim", model_cfg.und.vlm_dim))
-    for what, got, field, want in pairs:
-        if got != want:
-            raise SystemExit(f"{where}: the encoders' {what} is {got}, the model's {field} is {want}")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
 def add_encoder_args(p) -> None:
@@ -154,7 +125,11 @@ def cmd_encode(args) -> None:
                                           if torch.cuda.is_available() else "cpu"))
     model_cfg = config_from_args(args)           # the widths the encoders must produce
     data_cfg = DataConfig.from_dict(json.loads(Path(args.data).read_text())).for_stage(args.stage)
-    enc, desc = build_encoders(args, model_cfg, use_vlm=args.stage != 1, device=device)
+    from motus_fast.encoders.load import training_encoders
+    if args.encoders == "real" and args.wan is None:
+        raise SystemExit("give --wan and --vlm (the real encoders), or --encoders tiny")
+    enc, desc = training_encoders(model_cfg, args.stage != 1, wan=args.wan, vlm=args.vlm, t5=args.t5,
+                                  dtype=encoder_dtype(args.encoder_dtype), seed=args.encoder_seed, device=device)
     mixture = build_mixture(data_cfg)
     n = encode_mixture(mixture, enc, args.out, desc, rank, world, progress=not args.quiet)
     print(f"rank {rank}/{world}: encoded {n} episode(s) into {args.out}", flush=True)

@@ -173,3 +173,29 @@ def describe_encoders(wan: str | Path, vlm: str | Path | None, t5: str | Path | 
         d["prompt_sha256"] = hashlib.sha256(template.encode()).hexdigest()[:16]
         out["vlm"] = d
     return out
+
+
+def training_encoders(model_cfg, use_vlm: bool, *, wan: str | Path | None = None, vlm: str | Path | None = None,
+                      t5: str | Path | None = None, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                      device=None) -> tuple[FrozenEncoders, dict]:
+    """The encoders a training run (or ``motus-fast encode``) uses, and their description for caches: the real ones
+    from `wan`/`vlm` (per-sample preprocessing: no padding rows, batches pad and record lengths later), else tiny
+    random ones (`seed`). Their output widths are checked against `model_cfg`, naming the field."""
+    if wan is None:
+        from motus_fast.encoders.tiny import build_tiny_encoders
+        return (build_tiny_encoders(model_cfg, seed=seed, use_vlm=use_vlm),
+                {"kind": "tiny", "seed": seed, "use_vlm": use_vlm})
+    if use_vlm and vlm is None:
+        raise CheckpointError("the und stream reads Qwen3-VL features: give the Qwen3-VL folder (--vlm), or train "
+                              "stage 1")
+    vlm = vlm if use_vlm else None
+    desc = {"kind": "real", **describe_encoders(wan, vlm, t5, dtype=dtype)}
+    enc = load_encoders(wan, vlm, t5=t5, dtype=dtype, device=device, progress=False)
+    pairs = [("latent channels", enc.latent_channels, "video.in_channels", model_cfg.video.in_channels),
+             ("umT5 width", enc.text_dim, "video.text_dim", model_cfg.video.text_dim)]
+    if enc.vlm_dim is not None:
+        pairs.append(("VLM hidden size", enc.vlm_dim, "und.vlm_dim", model_cfg.und.vlm_dim))
+    for what, got, field, want in pairs:
+        if got != want:
+            raise CheckpointError(f"{wan} / {vlm}: the encoders' {what} is {got}, the model's {field} is {want}")
+    return enc, desc

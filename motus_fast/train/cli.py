@@ -16,8 +16,10 @@ class TrainData:
     extra: Optional[dict] = None
 
 
-def build_dataset(args, model_cfg, stage: int, seed: int) -> TrainData:
-    """The training data of `args.data`: `synthetic[:N]` (N synthetic samples: tests, smoke runs) or a DataConfig
+def build_dataset(spec: str, model_cfg, stage: int, seed: int, *, cache: Optional[str] = None,
+                  wan: Optional[str] = None, vlm: Optional[str] = None, t5: Optional[str] = None,
+                  encoder_dtype: str = "bf16", encoder_seed: int = 0) -> TrainData:
+    """The training data of `spec`: `synthetic[:N]` (N synthetic samples: tests, smoke runs) or a DataConfig
     JSON file read for this stage, encoded by one of
     - `--cache DIR`: an encoded cache from `motus-fast encode` (no frame is decoded, no encoder runs);
     - `--wan DIR --vlm DIR`: the real frozen encoders, run online per sample on the training device;
@@ -25,7 +27,6 @@ def build_dataset(args, model_cfg, stage: int, seed: int) -> TrainData:
     Every mismatch (cache vs data or model, encoder widths vs model) is an error before training starts."""
     from motus_fast.train.stages import model_config_for_stage
     cfg = model_config_for_stage(model_cfg, stage)
-    spec = args.data
     if spec.startswith("synthetic"):
         from motus_fast.data.synthetic import SyntheticDataset
         size = int(spec.split(":", 1)[1]) if ":" in spec else 64
@@ -45,22 +46,24 @@ def build_dataset(args, model_cfg, stage: int, seed: int) -> TrainData:
     if data_cfg.stats_path:
         from motus_fast.data.norm import load_stats, stats_to_json
         extra["norm_stats"] = stats_to_json(load_stats(data_cfg.stats_path))
-    if args.cache:
+    if cache:
         from motus_fast.data.encoded import CachedDataset, EncodedCache, describe
         mixture = build_mixture(data_cfg, read_frames=False)
-        index = EncodedCache(args.cache).index
-        cache = EncodedCache(args.cache, expect=describe(index["encoders"], mixture))
-        cache.check_shards()
-        dataset = CachedDataset(mixture, cache)
-        _check_cached_widths(dataset, cfg, args.cache)
+        index = EncodedCache(cache).index
+        encoded = EncodedCache(cache, expect=describe(index["encoders"], mixture))
+        encoded.check_shards()
+        dataset = CachedDataset(mixture, encoded)
+        _check_cached_widths(dataset, cfg, cache)
         extra["encoders"] = index["encoders"]
         return TrainData(dataset, mixture=mixture, extra=extra)
     import torch
 
-    from motus_fast.data.cli import build_encoders
+    from motus_fast.data.cli import encoder_dtype as to_dtype
     from motus_fast.data.encode import EncodedDataset
+    from motus_fast.encoders.load import training_encoders
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    enc, desc = build_encoders(args, cfg, use_vlm=stage != 1, device=device)
+    enc, desc = training_encoders(cfg, stage != 1, wan=wan, vlm=vlm, t5=t5, dtype=to_dtype(encoder_dtype),
+                                  seed=encoder_seed, device=device)
     mixture = build_mixture(data_cfg, vlm_prompt=enc.vlm_prompt if enc.vlm_dim is not None else None)
     extra["encoders"] = desc
     return TrainData(EncodedDataset(mixture, enc), mixture=mixture, extra=extra)
@@ -85,7 +88,8 @@ def cmd_train(args) -> None:
 
     model_cfg = config_from_args(args)
     train_cfg = TrainConfig().override(parse_overrides(args.train))
-    data = build_dataset(args, model_cfg, train_cfg.stage, train_cfg.seed)
+    data = build_dataset(args.data, model_cfg, train_cfg.stage, train_cfg.seed, cache=args.cache, wan=args.wan,
+                         vlm=args.vlm, t5=args.t5, encoder_dtype=args.encoder_dtype, encoder_seed=args.encoder_seed)
     workers = args.workers
     if args.wan and workers:             # online encoders live on the training device, in this process
         print("motus-fast train: --wan/--vlm encode online in the loader process; --workers set to 0")

@@ -128,7 +128,8 @@ def test_stale_or_broken_caches_and_bad_encoders_are_refused_by_name(lab, tmp_pa
     assert not (tmp_path / "run" / "checkpoints").exists()
     # encoders whose widths do not match the model
     write_qwen_folder(tmp_path / "qwen64", tiny_qwen3_vl(hidden=64))
-    with pytest.raises(SystemExit, match="und.vlm_dim is 96"):
+    from motus_fast.weights import CheckpointError
+    with pytest.raises(CheckpointError, match="und.vlm_dim is 96"):
         main(["train", "--data", str(lab / "data.json"), "--wan", str(lab / "wan"), "--vlm", str(tmp_path / "qwen64"),
               "--out", str(tmp_path / "run"), *TRAIN])
     # a camera the dataset does not have

@@ -33,7 +33,7 @@ def test_labelled_latent_actions_train_stage_2(tmp_path):
     spec = tmp_path / "stage2.json"
     spec.write_text(json.dumps(data.to_dict()))
     base = get_preset("tiny")
-    data = build_dataset(str(spec), base, 2, seed=0, encoders="tiny")
+    data = build_dataset(str(spec), base, 2, seed=0)
     first = data.dataset[0]
     assert first.cond.state is None and torch.isfinite(first.actions).all()
     cfg = TrainConfig(stage=2, steps=2, batch_size=2, param_dtype="fp32", logger="jsonl", save_every=2,

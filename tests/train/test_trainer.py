@@ -144,7 +144,7 @@ def test_stages_one_two_three_back_to_back(tmp_path):
     for stage in (1, 2, 3):
         spec = tmp_path / f"data{stage}.json"
         spec.write_text(json.dumps(data[stage].to_dict()))
-        train_data = build_dataset(str(spec), base, stage, seed=0, encoders="tiny")
+        train_data = build_dataset(str(spec), base, stage, seed=0)
         init = runs.get(stage - 1)
         cfg = TrainConfig(stage=stage, init_from=str(latest_checkpoint(init)) if init else None, **common)
         runs[stage] = tmp_path / f"stage{stage}"
