@@ -88,15 +88,19 @@ class MemoryPlan:
                  f"  {self.parameters / 1e9:.3f}B parameters, {self.trainable / 1e9:.3f}B trained; FSDP2 + "
                  "activation checkpointing + AdamW (fp32 parameters and states, bf16 compute)"]
         for kind, b in self.at_peak.items():
-            lines.append(f"  {kind:<12} {b / GiB:9.3f} GiB")
-        lines.append(f"  {'total':<12} {self.peak / GiB:9.3f} GiB (tensor bytes at the peak; add ~10% for the "
-                     "allocator and CUDA context)")
+            lines.append(f"  {kind:<18} {human_bytes(b, self.peak):>12}")
+        lines.append(f"  {'total':<18} {human_bytes(self.peak):>12} (tensor bytes at the peak)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"world_size": self.world_size, "stage": self.stage, "shape": dataclasses.asdict(self.shape),
                 "parameters": self.parameters, "trainable": self.trainable, "at_peak": self.at_peak,
                 "peak": self.peak}
+
+
+def human_bytes(n: int, scale: Optional[int] = None) -> str:
+    """In GiB when ``scale`` (default n) is at least 1 GiB, else in MiB."""
+    return f"{n / GiB:.3f} GiB" if (scale or n) >= GiB else f"{n / 2 ** 20:.3f} MiB"
 
 
 # the tracker's kinds -> the plan's rows
