@@ -34,7 +34,8 @@ def storage_bytes(tensors) -> int:
 def main(out: str, batch: int, frames: int, H: int, W: int, param_dtype: str) -> None:
     dist = init_distributed()
     shape = StepShape(batch, frames, (H, W))
-    trainer = Trainer(get_preset("tiny"), TrainConfig(stage=3, batch_size=batch, param_dtype=param_dtype), None, out, progress=False)
+    cfg = TrainConfig(stage=3, batch_size=batch, param_dtype=param_dtype)
+    trainer = Trainer(get_preset("tiny"), cfg, None, out, progress=False)
     model, opt, ema = trainer._build(dist, resuming=True, fused=True)
     g = torch.Generator().manual_seed(dist.rank)
     batches = [step_batch(trainer.model_cfg, shape, g) for _ in range(2)]
@@ -45,7 +46,8 @@ def main(out: str, batch: int, frames: int, H: int, W: int, param_dtype: str) ->
     baseline = storage_bytes([*model.parameters(), *model.buffers(), *state, *_tensors(batches[1])])
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         trainer.step(run, 1)
-    deltas = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    events = prof.profiler.kineto_results.events()
+    deltas = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")   # +alloc / -free
     running = peak = 0
     for _, d in deltas:
         running += d
