@@ -1,4 +1,5 @@
-"""`motus-fast train`: one process, or many under torchrun (`torchrun --nproc-per-node N -m motus_fast.cli train`)."""
+"""`motus-fast train`: one process, or many under torchrun (`torchrun --nproc-per-node N -m motus_fast.cli train`);
+`motus-fast plan`: the peak memory per GPU of a training run, computed on the CPU (train/plan.py)."""
 
 from __future__ import annotations
 
@@ -101,8 +102,53 @@ def cmd_train(args) -> None:
         shutdown()
 
 
+def cmd_plan(args) -> None:
+    import json
+
+    from motus_fast.config import config_from_args, parse_overrides
+    from motus_fast.config import TrainConfig
+    from motus_fast.train.plan import StepShape, human_bytes, plan_memory
+
+    train_cfg = TrainConfig().override({**parse_overrides(args.train), "stage": args.stage})
+    try:
+        shapes = [StepShape(b, args.video_frames, tuple(args.image_size), args.vlm_tokens) for b in args.batch]
+    except ValueError as e:
+        raise SystemExit(f"motus-fast plan: {e}") from None
+    if args.world_size < 2:
+        raise SystemExit("motus-fast plan: --world-size must be >= 2 (the plan is of FSDP2 training; one process "
+                         "trains unsharded)")
+    rows = []
+    for shape in shapes:
+        plan = plan_memory(config_from_args(args), train_cfg, args.world_size, shape)
+        rows.append(plan.to_dict() | {"fits": plan.fits(args.gpu_gib)})
+        if not args.json:
+            print(plan.report())
+            print(f"  -> {'fits' if rows[-1]['fits'] else 'does not fit'} in {args.gpu_gib:g} GiB with 10% headroom")
+    if args.json:
+        print(json.dumps(rows))
+    elif len(rows) > 1:
+        print("batch per GPU: " + ", ".join(f"{r['shape']['batch']}: {human_bytes(r['peak'])}"
+                                            f"{'' if r['fits'] else ' (too big)'}" for r in rows))
+
+
 def register(sub) -> None:
     from motus_fast.config import add_config_args
+
+    p = sub.add_parser("plan", help="peak GPU memory per rank of FSDP2 training, traced on the CPU (fake tensors)")
+    add_config_args(p, "motus-8b")
+    p.add_argument("--world-size", type=int, required=True, help="number of GPUs the model is sharded over (>= 2)")
+    p.add_argument("--batch", type=int, nargs="+", required=True, help="samples per GPU (several: one plan each)")
+    p.add_argument("--video-frames", type=int, default=8, help="future frames per sample (upstream num_video_frames)")
+    p.add_argument("--image-size", type=int, nargs=2, default=[384, 320], metavar=("H", "W"),
+                   help="frame size (upstream video_height video_width)")
+    p.add_argument("--stage", type=int, default=3, choices=(1, 2, 3))
+    p.add_argument("--vlm-tokens", type=int, default=None,
+                   help="VLM tokens per sample (default: (H/32)(W/32) image tokens + 30 prompt tokens)")
+    p.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a TrainConfig field, e.g. --train activation_checkpointing=false")
+    p.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory to check the plan against")
+    p.add_argument("--json", action="store_true", help="print the plans as JSON")
+    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("train", help="train Motus (stage 1, 2 or 3); runs under torchrun for several processes")
     add_config_args(p, "tiny")
     p.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",

@@ -54,14 +54,16 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None) -> torch.nn.Module:
-    """FSDP2: one shard unit per MotusBlock (all three experts of a layer gather together), then the root."""
+def shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None, mesh=None) -> torch.nn.Module:
+    """FSDP2: one shard unit per MotusBlock (all three experts of a layer gather together), then the root.
+    ``mesh``: the device mesh (default: all ranks of the process group; the memory plan passes one built outside
+    its fake-tensor mode)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model.blocks:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 

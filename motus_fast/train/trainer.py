@@ -140,8 +140,11 @@ class Trainer:
         return RunState(dist, model, opt, ema, start, iter(loader), logger, bar, peak_flops(dist.device),
                         time.perf_counter())
 
-    def _build(self, dist: DistInfo, resuming: bool):
+    def _build(self, dist: DistInfo, resuming: bool, mesh=None, fused: Optional[bool] = None):
+        """The model of the stage (sharded over `mesh` or the process group when there are several processes), the
+        AdamW (`fused`: default on a GPU, else foreach) and the EMA. Also builds the memory plan's step (plan.py)."""
         cfg = self.cfg
+        fused = dist.device.type == "cuda" if fused is None else fused
         torch.manual_seed(cfg.seed)               # the same fresh init on every rank before sharding
         model = Motus(self.model_cfg)
         if cfg.init_from and not resuming:
@@ -150,9 +153,10 @@ class Trainer:
         for n, p in model.named_parameters():
             p.requires_grad_(n in trainable)
         model.activation_checkpointing = cfg.activation_checkpointing
-        model.to(dist.device)
+        if dist.device.type != "cpu":           # built on the CPU: a move to it would copy fake tensors (plan.py)
+            model.to(dist.device)
         if dist.world_size > 1:     # one process: FSDP would only add collectives; autocast gives the bf16 compute
-            shard_model(model, torch.bfloat16 if cfg.param_dtype == "bf16" else None)
+            shard_model(model, torch.bfloat16 if cfg.param_dtype == "bf16" else None, mesh)
         if cfg.compile:
             for blk in model.blocks:
                 blk.compile()
@@ -164,14 +168,14 @@ class Trainer:
         for g in groups:
             g["base_lr"] = g["lr"]
         opt = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                                fused=dist.device.type == "cuda", foreach=dist.device.type != "cuda")
+                                fused=fused, foreach=not fused)
         ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         return model, opt, ema
 
     # ---- step ----
     def step(self, run: RunState, step: int) -> dict:
-        """One optimizer step (grad_accum micro-batches). Returns this rank's loss sums, grad norm, FLOPs and
-        tokens of the step."""
+        """One optimizer step (grad_accum micro-batches). Returns this rank's mean losses and grad norm as tensors
+        (read on the host only when logged: no device sync per micro-step), and the step's FLOPs and tokens."""
         cfg, dist, model = self.cfg, run.dist, run.model
         set_lr(run.opt, cfg, step)
         sums = {"loss": 0.0, "loss_video": 0.0, "loss_action": 0.0}
@@ -190,11 +194,11 @@ class Trainer:
                 losses = training_loss(model, batch, draws)
             (losses["loss"] / cfg.grad_accum).backward()
             for k in sums:
-                sums[k] += losses[k].item() / cfg.grad_accum
+                sums[k] = sums[k] + losses[k].detach() / cfg.grad_accum
             f_tok, n_tok = self._flops(batch)
             flops, tokens = flops + f_tok, tokens + n_tok
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         run.opt.step()
         run.opt.zero_grad(set_to_none=True)
         if run.ema is not None:
@@ -208,7 +212,7 @@ class Trainer:
         dist = run.dist
         now = time.perf_counter()
         dt, run.t_last = now - run.t_last, now
-        rec = mean_across_ranks({k: out[k] for k in ("loss", "loss_video", "loss_action", "grad_norm")})
+        rec = mean_across_ranks({k: float(out[k]) for k in ("loss", "loss_video", "loss_action", "grad_norm")})
         rec.update(lr=run.opt.param_groups[0]["lr"], step_time_s=dt, samples_per_s=self._global_batch(dist) / dt,
                    tokens_per_s=out["tokens"] * dist.world_size / dt)
         if run.peak_flops:
