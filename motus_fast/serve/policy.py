@@ -15,13 +15,13 @@ import numpy as np
 import torch
 
 import motus_fast
-from motus_fast.flow import MODES
+from motus_fast.flow import ACTION_MODES, MODES, VIDEO_MODES
 from motus_fast.infer.chunking import PrefixGuidance
 from motus_fast.infer.engine import InferenceEngine
 from motus_fast.infer.timing import StageTimer
 from motus_fast.serve.config import ServeConfig
 from motus_fast.serve.normalization import Normalizer
-from motus_fast.serve.schema import ACTION_MODES, FIELDS, VIDEO_MODES, Request, RequestSpec
+from motus_fast.serve.schema import FIELDS, Request, RequestSpec
 
 STAGES = ("preprocess", "text", "vae", "vlm", "denoise", "postprocess")
 
