@@ -201,6 +201,11 @@ SAMPLERS: dict[str, SamplerOptions] = {
 }
 
 
+def sampler_name(options: SamplerOptions) -> str:
+    """The preset these options are ("exact", "fast"), or "custom"."""
+    return next((name for name, o in SAMPLERS.items() if o == options), "custom")
+
+
 def get_sampler(name: str) -> SamplerOptions:
     try:
         return SAMPLERS[name]

@@ -234,3 +234,15 @@ def test_fp8_scaled_mm_matches_emulation(gran):
     got = f(x).float()
     want = f.cpu()(x.cpu()).float()          # the emulation of the same quantised numbers
     torch.testing.assert_close(got.cpu(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_server_metadata_names_the_sampler():
+    from motus_fast.infer import StubEncoders
+    from motus_fast.serve.config import ServeConfig
+    from motus_fast.serve.policy import MotusPolicy
+    model = make_model(see_actions=True, layers=1)
+    for name, options in (("exact", SamplerOptions()), ("fast", get_sampler("fast")),
+                          ("custom", SamplerOptions(video_steps=3))):
+        engine = InferenceEngine(model, StubEncoders(model.cfg, (32, 32)), sampler=options)
+        meta = MotusPolicy(engine, ServeConfig(port=0)).metadata()
+        assert meta["sampler"] == name and SamplerOptions(**meta["sampler_options"]) == options

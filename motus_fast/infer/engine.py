@@ -33,13 +33,14 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from motus_fast.flow import (ACTION_MODES, GIVEN, MODE_TABLE, SampleResult, SamplerOptions, StepPlan,
-                             check_and_draw_noise, check_fp8, check_mode_inputs, denoise, result, step_plan)
+                             check_and_draw_noise, check_fp8, check_mode_inputs, denoise, result, sampler_name,
+                             step_plan)
 from motus_fast.infer.cache import LRUCache
 from motus_fast.infer.chunking import PrefixGuidance, guide_velocity
 from motus_fast.infer.encoders import Encoders
 from motus_fast.infer.graphs import DenoiseGraphs
 from motus_fast.infer.timing import NullTimer
-from motus_fast.model.fp8 import quantize_video_linears
+from motus_fast.model.fp8 import quantize_video_linears, video_fp8_granularity
 from motus_fast.model.mot import ConditionCache, Conditioning
 
 log = logging.getLogger("motus_fast")
@@ -85,7 +86,7 @@ class InferenceEngine:
                  sampler: SamplerOptions = SamplerOptions()):
         self.model = model.eval()
         self.sampler = sampler
-        if sampler.fp8_video is not None:
+        if sampler.fp8_video is not None and sampler.fp8_video != video_fp8_granularity(model):
             quantize_video_linears(self.model, sampler.fp8_video)
         self.cfg = model.cfg
         self.encoders = encoders
@@ -105,6 +106,21 @@ class InferenceEngine:
         self.instructions: LRUCache[Instruction] = LRUCache(instruction_cache)
         self.observations: LRUCache[Observation] = LRUCache(observation_cache)
         self.plans: LRUCache[StepPlan] = LRUCache(plan_cache)
+
+    @property
+    def sampler_name(self) -> str:
+        return sampler_name(self.sampler)
+
+    def set_sampler(self, sampler: SamplerOptions) -> None:
+        """Run later requests with these options (FP8 converts the video layers in place, once; captured graphs
+        are dropped)."""
+        if sampler.fp8_video is not None and sampler.fp8_video != video_fp8_granularity(self.model):
+            quantize_video_linears(self.model, sampler.fp8_video)
+        elif sampler.fp8_video is None and video_fp8_granularity(self.model) is not None:
+            raise ValueError("this engine's model holds FP8 video weights: build a new engine for a non-FP8 sampler")
+        self.sampler = sampler
+        if self.graphs is not None:
+            self.graphs = None if sampler.host_decisions else DenoiseGraphs(self.graphs.max_graphs)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, encoders: Optional[Encoders] = None, *, device=None,

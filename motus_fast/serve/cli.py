@@ -41,6 +41,8 @@ def register(sub) -> None:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-connections", type=int, default=64)
     p.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--sampler", choices=["exact", "fast"], default="exact", help="denoise loop options "
+                   "(motus_fast.flow.SAMPLERS): exact, or fast (approximate; README 'Sampler options')")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 avoids oversubscription on "
                    "busy CPU machines)")
     p.add_argument("--instruction-cache", type=int, default=64, help="instructions kept in the LRU cache")
@@ -96,8 +98,9 @@ def build_policy(args):
         log.warning("encoders: stub (deterministic stand-ins for the VAE, umT5 and the VLM; not real models)")
         encoders = StubEncoders(model.cfg, image_size, device=device)
     graphs = {"auto": None, "on": True, "off": False}[args.cuda_graphs]
+    from motus_fast.flow import get_sampler
     engine = InferenceEngine(model, encoders, steps=args.steps, shift=args.shift, cuda_graphs=graphs,
-                             instruction_cache=args.instruction_cache)
+                             instruction_cache=args.instruction_cache, sampler=get_sampler(args.sampler))
     api_key = None
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env)
