@@ -66,12 +66,13 @@ def options_to_measure() -> list[Option]:
             Option("uncached, same model (reference for the row above)", "vla",
                    SamplerOptions(context_cache=False), blind=True)]
     rows += [Option(f"(a) action-only suffix s={s}", "vla", SamplerOptions(action_only_after=s)) for s in (1, 2, 3, 5)]
-    rows += [Option(f"(b) velocity cache thr={t}", "vla", SamplerOptions(velocity_threshold=t)) for t in (0.1, 0.3, 1.0)]
+    rows += [Option(f"(b) velocity cache thr={t}", "vla", SamplerOptions(velocity_threshold=t))
+             for t in (0.1, 0.2, 0.5)]
     rows += [Option(f"(d) FP8 video weights, {g}-wise", "vla", SamplerOptions(fp8_video=g)) for g in ("tensor", "row")]
     rows += [Option("fast preset " + _describe(fast), "vla", fast)]
     rows += [Option("exact", "joint", SamplerOptions())]
     rows += [Option(f"(c) video_steps={n}", "joint", SamplerOptions(video_steps=n)) for n in (5, 2)]
-    rows += [Option("(b) velocity cache thr=0.3", "joint", SamplerOptions(velocity_threshold=0.3))]
+    rows += [Option("(b) velocity cache thr=0.2", "joint", SamplerOptions(velocity_threshold=0.2))]
     return rows
 
 
@@ -193,6 +194,42 @@ def small_inputs(cfg, requests: int, image_hw=(64, 64), seed: int = 1):
     return out
 
 
+def demo_inputs(checkpoint: str, requests: int, seed: int = 1):
+    """Real observations for a demo checkpoint: held-out scripted Meta-World episodes (seeds apart from training),
+    one frame every few steps, through the checkpoint's encoders and state normalisation, as the server does."""
+    from pathlib import Path
+
+    from motus_fast.data.metaworld import RenderSettings, generate_demonstrations
+    from motus_fast.data.norm import normalize, stats_from_json
+    from motus_fast.infer.encoders import PatchPCAEncoders      # (moving to motus_fast.encoders)
+    from motus_fast.infer.engine import load_model
+
+    model, extra = load_model(checkpoint, dtype=torch.float32)
+    hw = tuple(extra.get("serve", {}).get("image_size", (64, 64)))
+    encoders = PatchPCAEncoders.load(model.cfg, Path(checkpoint) / PatchPCAEncoders.FILENAME)
+    stats = stats_from_json(extra["norm_stats"])["metaworld"]
+    frames_per_episode = 4
+    episodes = list(generate_demonstrations(("reach-v3",), max(1, math.ceil(requests / frames_per_episode)),
+                                            seed=5000 + seed, render=RenderSettings(*hw), progress=False))
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for ep in episodes:
+        for t in torch.linspace(0, ep.length - 1, frames_per_episode).long().tolist():
+            if len(out) == requests:
+                break
+            image = torch.from_numpy(ep.frames[t].copy())[None]
+            text, _ = encoders.encode_prompts([ep.instruction])
+            vlm, _ = encoders.vlm_features(image, [ep.instruction])
+            state = torch.from_numpy(normalize(ep.state[t], stats.state, "mean_std"))[None].float()
+            latent = encoders.encode_frames(image[:, None])
+            C, h, w = latent.shape[1], latent.shape[-2], latent.shape[-1]
+            out.append(dict(cond=Conditioning(text=text, vlm=vlm, state=state), cond_latent=latent,
+                            noise_video=torch.randn(1, C, 3, h, w, generator=g),
+                            noise_action=torch.randn(1, model.cfg.action.chunk_size, model.cfg.action.action_dim,
+                                                     generator=g)))
+    return out
+
+
 class CallCounter:
     """Counts the model calls a sampler makes (patched on the instance, removed on exit)."""
 
@@ -226,7 +263,7 @@ def measure_small(rows: list[Option], checkpoint, blind_checkpoint, requests: in
         if r.options.fp8_video and r.options.fp8_video not in fp8_models:
             fp8_models[r.options.fp8_video] = copy.deepcopy(models[False])
             quantize_video_linears(fp8_models[r.options.fp8_video], r.options.fp8_video)
-    inputs = small_inputs(models[False].cfg, requests)
+    inputs = demo_inputs(checkpoint, requests) if checkpoint else small_inputs(models[False].cfg, requests)
     given = torch.randn(1, models[False].cfg.action.chunk_size, models[False].cfg.action.action_dim,
                         generator=torch.Generator().manual_seed(7))
 
@@ -253,6 +290,22 @@ def measure_small(rows: list[Option], checkpoint, blind_checkpoint, requests: in
     return results
 
 
+# ---- a demo model trained with the visibility (optional) ------------------------------------------------------------
+def train_blind_demo_model(demo_out: str, quick: bool) -> str:
+    """Train the demo's model once more on the demo's data (the same windows, steps and seed) with
+    video_und_see_actions=False; -> its checkpoint directory. Uses the demo's own data and training steps."""
+    from pathlib import Path
+
+    from motus_fast import demo
+    cfg = demo.QUICK if quick else demo.DemoConfig()
+    torch.set_num_threads(cfg.threads)
+    model_cfg, encoders, windows, extra = demo._training_windows(Path(demo_out) / "data" / "metaworld", cfg)
+    model_cfg = model_cfg.override({"video_und_see_actions": False})
+    ckpt, _ = demo._train(Path(demo_out) / "train_motus_blind", model_cfg, windows["full"], cfg.train_steps, cfg,
+                          encoders, extra, video=True)
+    return str(ckpt)
+
+
 # ---- closed loop (optional) ----------------------------------------------------------------------------------------
 def closed_loop(checkpoint: str, options: SamplerOptions, episodes: int, tasks, seed: int) -> dict:
     from motus_fast.eval.metaworld import checkpoint_policy, evaluate
@@ -275,8 +328,15 @@ def main(argv=None) -> None:
     p.add_argument("--closed-loop-tasks", nargs="+", default=["reach-v3"])
     p.add_argument("--closed-loop-options", nargs="+", default=None, help="option names to run closed loop "
                    "(default: all vla rows)")
+    p.add_argument("--train-blind-from-demo", metavar="DEMO_OUT", default=None, help="first train the demo's model "
+                   "with video_und_see_actions=False on the demo run's data (--quick: the quick demo's settings) "
+                   "and use it as --blind-checkpoint")
+    p.add_argument("--quick", action="store_true", help="with --train-blind-from-demo: the quick demo's settings")
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
+    if args.train_blind_from_demo:
+        args.blind_checkpoint = train_blind_demo_model(args.train_blind_from_demo, args.quick)
+        print(f"trained with video_und_see_actions=False: {args.blind_checkpoint}", flush=True)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MOTUS_BACKEND", "reference")
     rows = options_to_measure()
@@ -327,12 +387,15 @@ def main(argv=None) -> None:
     if args.closed_loop_episodes:
         if not args.checkpoint:
             raise SystemExit("--closed-loop-episodes needs --checkpoint (a trained demo checkpoint)")
-        wanted = set(args.closed_loop_options or [r.name for r in rows if r.mode == "vla" and not r.blind])
+        wanted = set(args.closed_loop_options or [r.name for r in rows if r.mode == "vla"])
         for row, r in zip(table, rows):
-            if r.name in wanted and r.mode == "vla" and not r.blind:
-                cl = closed_loop(args.checkpoint, r.options, args.closed_loop_episodes, args.closed_loop_tasks, 0)
-                row["success"], row["closed_loop_episodes"] = cl["success"], cl["episodes"]
-                print(f"closed loop {r.name}: {cl}", flush=True)
+            if r.name not in wanted or r.mode != "vla" or (r.blind and (not args.blind_checkpoint
+                                                                          or not r.options.context_cache)):
+                continue        # (the uncached blind row equals the cached one bit for bit)
+            ckpt = args.blind_checkpoint if r.blind else args.checkpoint
+            cl = closed_loop(ckpt, r.options, args.closed_loop_episodes, args.closed_loop_tasks, 0)
+            row["success"], row["closed_loop_episodes"] = cl["success"], cl["episodes"]
+            print(f"closed loop {r.name}: {cl}", flush=True)
 
     model_desc = (f"checkpoint {args.checkpoint}" if args.checkpoint else
                   "the demo's architecture (tiny preset, Meta-World sizes) with RANDOM weights (heads N(0, 0.02))")

@@ -155,8 +155,8 @@ class SamplerOptions:
     context_cache: exact. For a model whose video/und queries do not see actions (``video_und_see_actions``
       False), in `vla` and `idm` the video and und streams do not change over the steps: run them once, keep every
       layer's keys/values, and run only the action expert per step.
-    action_only_after: (a) approximate. Full steps before step s, then only the action expert, reading the video/und
-      keys/values of step s - 1 (a stream that integrates keeps its last velocity). s >= 1.
+    action_only_after: (a) approximate, in modes that do not integrate video (`vla`, `idm`). Full steps before
+      step s, then only the action expert, reading the video/und keys/values of step s - 1. s >= 1.
     velocity_threshold: (b) approximate, TeaCache-style. Skip the video/und streams (reuse their keys/values and the
       video velocity) while the accumulated relative L1 change of the first layer's modulated inputs since the last
       full step stays below this threshold.
@@ -278,7 +278,8 @@ def denoise(model, mode: str, plan: StepPlan, *, x: Tensor, a: Tensor, cond_late
     exact_context = uses_context_cache(model, mode, options)
     video_points = (video_step_points(steps, options.video_steps)
                     if options.video_steps is not None and spec.video == INTEGRATE else None)
-    skips = not exact_context and (options.action_only_after is not None or video_points is not None
+    suffix_applies = options.action_only_after is not None and spec.video != INTEGRATE
+    skips = not exact_context and (suffix_applies or video_points is not None
                                    or options.velocity_threshold is not None)
     context = model.context_kv(x, plan.t_video[0], cond, cache, time_emb=plan.emb[0][0]) if exact_context else None
     v_video = indicator_prev = None
@@ -286,7 +287,7 @@ def denoise(model, mode: str, plan: StepPlan, *, x: Tensor, a: Tensor, cond_late
     for i in tqdm(range(steps), desc=f"sample[{mode}]", disable=not progress, leave=False):
         full = not exact_context
         if skips:
-            skip = ((options.action_only_after is not None and i >= options.action_only_after)
+            skip = ((suffix_applies and i >= options.action_only_after)
                     or (video_points is not None and i not in video_points))
             if options.velocity_threshold is not None:
                 indicator = model.first_layer_inputs(x, a, cond, plan.emb[i])

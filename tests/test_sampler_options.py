@@ -123,6 +123,10 @@ def test_action_only_suffix_runs_full_steps_then_the_action_expert(monkeypatch):
     assert counts == {"forward": 2, "context_kv": 0, "action_velocity": 4}
     cos = torch.nn.functional.cosine_similarity(out.actions.flatten(), exact.actions.flatten(), dim=0)
     assert cos > 0.9 and not torch.equal(out.actions, exact.actions)      # an approximation: close, not equal
+    counts.update(forward=0, action_velocity=0)
+    sample(model, "joint", cond=cond, steps=6, cond_latent=clip[:, :, :1], options=SamplerOptions(action_only_after=2),
+           **noise)
+    assert counts["forward"] == 6 and counts["action_velocity"] == 0     # not in modes that integrate video
 
 
 def test_action_only_suffix_equals_the_exact_sampler_for_a_blind_model():

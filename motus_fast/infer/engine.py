@@ -98,6 +98,7 @@ class InferenceEngine:
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device (it is on {self.device})")
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         why_not = "disabled" if cuda_graphs is False else f"device {self.device.type}"
+        self._graphs_allowed, self._max_graphs = use_graphs, max_graphs
         if use_graphs and sampler.host_decisions:
             use_graphs, why_not = False, "the velocity cache decides on the host"
         self.graphs = DenoiseGraphs(max_graphs) if use_graphs else None
@@ -119,8 +120,10 @@ class InferenceEngine:
         elif sampler.fp8_video is None and video_fp8_granularity(self.model) is not None:
             raise ValueError("this engine's model holds FP8 video weights: build a new engine for a non-FP8 sampler")
         self.sampler = sampler
-        if self.graphs is not None:
-            self.graphs = None if sampler.host_decisions else DenoiseGraphs(self.graphs.max_graphs)
+        use_graphs = self._graphs_allowed and not sampler.host_decisions
+        self.graphs = DenoiseGraphs(self._max_graphs) if use_graphs else None
+        log.info("inference engine: sampler %s (%s), CUDA graphs %s", self.sampler_name, sampler,
+                 "on" if use_graphs else "off")
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, encoders: Optional[Encoders] = None, *, device=None,

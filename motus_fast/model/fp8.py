@@ -1,4 +1,4 @@
-"""FP8 (e4m3) weights for the video expert's Linear layers (an approximate sampler option, ``SamplerOptions.fp8_video``).
+"""FP8 (e4m3) weights for the video expert's Linear layers (approximate: ``SamplerOptions.fp8_video``).
 
 The video expert holds ~90% of the model's FLOPs per step, all in its Linear layers and attention. On Hopper an FP8
 GEMM has twice the bf16 peak: each Linear of a video layer (q/k/v, o, the cross-attention's q, kv and o, the FFN)

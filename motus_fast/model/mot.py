@@ -135,13 +135,13 @@ class MotusBlock(nn.Module):
         B, L_a = a.shape[:2]
         qk_a, va, mod_a = self.action.attention_inputs(a, e6_action)
         (q, k), = qk_norm_rope([qk_a], self.video.cfg.num_heads)
-        keys, values = [kv.video[0], k.reshape(B * L_a, *k.shape[-2:])], [kv.video[1], va.reshape(B * L_a, *va.shape[-2:])]
+        rows = lambda t: t.reshape(B * L_a, *t.shape[-2:])  # noqa: E731
+        queries, keys, values = [None, rows(q)], [kv.video[0], rows(k)], [kv.video[1], rows(va)]
         cu = [cu_video, uniform_cu_seqlens(B, L_a, a.device)]
         bounds = [kv.video[0].shape[0] // B, L_a]
         if kv.und is not None:
-            keys, values, cu = keys + [kv.und[0]], values + [kv.und[1]], cu + [cu_und]
+            queries, keys, values, cu = queries + [None], keys + [kv.und[0]], values + [kv.und[1]], cu + [cu_und]
             bounds.append(kv.und[0].shape[0])
-        queries = [None, q.reshape(B * L_a, *q.shape[-2:])] + ([None] if kv.und is not None else [])
         out = joint_attention(queries, keys, values, cu, max_seqlens=bounds)
         return self.action.finish(a, out[1].reshape(B, L_a, -1), mod_a)
 

@@ -55,7 +55,8 @@ class MotusPolicy:
                 "image_shape": [H, W, 3], "frame_stride": self.spec.frame_stride,
                 "modes": list(MODES), "default_mode": c.default_mode, "num_frames": c.num_frames,
                 "steps": self.engine.steps, "sampler": self.engine.sampler_name,
-                "sampler_options": dataclasses.asdict(self.engine.sampler), "max_batch": c.max_batch, "max_steps": c.max_steps,
+                "sampler_options": dataclasses.asdict(self.engine.sampler),
+                "max_batch": c.max_batch, "max_steps": c.max_steps,
                 "max_num_frames": c.max_num_frames, "normalization": self.normalizer.mode,
                 "fields": dict(FIELDS)}
 
