@@ -368,7 +368,7 @@ def main(argv=None) -> None:
         t_exact = sorted(small[exact_idx[r.mode]]["times"])[len(small[exact_idx[r.mode]]["times"]) // 2]
         table.append(dict(option=r.name, mode=r.mode, tflops_per_chunk=flops / 1e12,
                           calls=" ".join(f"{n}={calls[n]:g}" for n in CALLS if calls[n]),
-                          cos_min=cos, max_abs_err=err, cpu_ms=t * 1e3, cpu_time_ratio=t / t_exact,
+                          cos_min=cos, one_minus_cos=1 - cos, max_abs_err=err, cpu_ms=t * 1e3, cpu_time_ratio=t / t_exact,
                           reference="uncached sampler, same model" if r.blind else "exact, same model",
                           options=asdict(r.options)))
     for row in table:
@@ -412,7 +412,7 @@ def main(argv=None) -> None:
              "actions over the requests vs the reference column; cpu_time_ratio = median time per chunk / exact's, "
              f"measured round-robin in this run ({args.repeats} passes). FP8 is emulated on CPU (its CPU time is "
              "not a speed measurement) and does not change the FLOP count.")
-    cols = ["option", "mode", "tflops_per_chunk", "flops_reduction", "cos_min", "max_abs_err", "cpu_time_ratio",
+    cols = ["option", "mode", "tflops_per_chunk", "flops_reduction", "cos_min", "one_minus_cos", "max_abs_err", "cpu_time_ratio",
             "cpu_ms", "calls"] + (["success", "closed_loop_episodes"] if args.closed_loop_episodes else [])
     write_results("policy_speed", table, cols, notes=notes, out_dir=args.out_dir)
 

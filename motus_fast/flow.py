@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from motus_fast.config import FlowConfig
+from motus_fast.model.fp8 import video_fp8_granularity
 from motus_fast.model.mot import Conditioning
 from motus_fast.ops import euler_step, masked_mse, noise_and_target
 
@@ -197,7 +198,7 @@ class SamplerOptions:
 # named presets (``motus-fast serve --sampler NAME``); "fast" is chosen from bench/results/policy_speed_cpu.md
 SAMPLERS: dict[str, SamplerOptions] = {
     "exact": SamplerOptions(),
-    "fast": SamplerOptions(action_only_after=2),
+    "fast": SamplerOptions(action_only_after=1),
 }
 
 
@@ -369,7 +370,7 @@ def check_mode_inputs(mode: str, actions: Optional[Tensor], video: Optional[Tens
 
 
 def check_fp8(model, options: SamplerOptions) -> None:
-    from motus_fast.model.fp8 import video_fp8_granularity
+    """The model's video layers hold the FP8 weights the options ask for (or none when they ask for none)."""
     have = video_fp8_granularity(model)
     if have != options.fp8_video:
         raise ValueError(f"SamplerOptions.fp8_video={options.fp8_video!r} but the model's video expert Linear layers "

@@ -69,10 +69,10 @@ class Fp8Linear(nn.Module):
     def _scaled_mm(self, xq: Tensor, xs: Tensor) -> Tensor:
         # the weight's transpose is column-major, as _scaled_mm wants its second operand
         w_scale = self.weight_scale if self.granularity == "tensor" else self.weight_scale.t()
+        # row-wise scaling needs a bf16 result; the bias is added afterwards (fp32 results take no fused bias)
         out_dtype = torch.bfloat16 if self.granularity == "row" else self.out_dtype
-        bias = None if self.bias is None else self.bias.to(out_dtype)
-        return torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=w_scale, bias=bias,
-                                out_dtype=out_dtype)
+        y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=w_scale, out_dtype=out_dtype)
+        return y if self.bias is None else y + self.bias.to(out_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, e4m3 weights, {self.granularity}-wise scales"
