@@ -250,3 +250,17 @@ def test_server_metadata_names_the_sampler():
         engine = InferenceEngine(model, StubEncoders(model.cfg, (32, 32)), sampler=options)
         meta = MotusPolicy(engine, ServeConfig(port=0)).metadata()
         assert meta["sampler"] == name and SamplerOptions(**meta["sampler_options"]) == options
+
+
+def test_bench_meta_attention_equals_joint_attention():
+    """bench.policy_speed counts FLOPs with a host-read-free B=1 joint attention: it must compute the same thing."""
+    from bench.policy_speed import dense_joint_attention
+    from motus_fast.model.mot import blind_to_actions
+    from motus_fast.ops import joint_attention
+    g = torch.Generator().manual_seed(0)
+    lens = (7, 5, 4)
+    q, k, v = ([torch.randn(n, 2, 16, generator=g) for n in lens] for _ in range(3))
+    cu = [torch.tensor([0, n], dtype=torch.int32) for n in lens]
+    for visible in (None, blind_to_actions(True)):
+        for got, want in zip(dense_joint_attention(q, k, v, cu, visible), joint_attention(q, k, v, cu, visible)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
