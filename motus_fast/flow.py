@@ -252,7 +252,7 @@ def uses_context_cache(model, mode: str, options: SamplerOptions) -> bool:
     """Whether the exact video/und cache applies: the streams are constant over the steps and blind to actions."""
     spec = MODE_TABLE[mode]
     return (options.context_cache and not model.cfg.video_und_see_actions and spec.video != INTEGRATE
-            and spec.action == INTEGRATE and model.cfg.num_layers > 0)
+            and spec.action == INTEGRATE)
 
 
 def video_step_points(steps: int, video_steps: int) -> set[int]:
