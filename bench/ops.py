@@ -39,6 +39,7 @@ if not ON_GPU:
 
 from bench.common import backend, device_info, time_fn, write_results  # noqa: E402
 from motus_fast.config import get_preset  # noqa: E402
+from motus_fast.flow import sample  # noqa: E402
 from motus_fast.model import Conditioning, Motus  # noqa: E402
 from motus_fast.model.rope import rope_tables  # noqa: E402
 from motus_fast.ops import adaln, flow_step  # noqa: E402
@@ -259,9 +260,9 @@ def denoise_step_launches(preset: str, overrides: dict, latents: tuple, mode: st
               cond_latent=None if mode == "idm" else clip[:, :, :1], video=clip if mode == "idm" else None,
               actions=actions if mode == "world_model" else None)
     with backend(backend_name), torch.no_grad():
-        model.sample(mode, steps=1, **kw)                      # warm-up (first-call compiles, autotuning)
-        one, k1 = count_launches(lambda: model.sample(mode, steps=1, **kw))
-        two, k2 = count_launches(lambda: model.sample(mode, steps=2, **kw))
+        sample(model, mode, steps=1, **kw)                      # warm-up (first-call compiles, autotuning)
+        one, k1 = count_launches(lambda: sample(model, mode, steps=1, **kw))
+        two, k2 = count_launches(lambda: sample(model, mode, steps=2, **kw))
     per_step = collections.Counter({k: two[k] - one[k] for k in two if two[k] != one[k]})
     return per_step, k2 - k1
 

@@ -91,6 +91,10 @@ class MotusConfig:
     action: ActionExpertConfig = field(default_factory=ActionExpertConfig)
     und: UndExpertConfig = field(default_factory=UndExpertConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    # Joint-attention visibility. True (upstream): every query attends to every key. False: video and und queries
+    # do not attend to action keys, so those streams do not depend on the actions and, in `vla` and `idm`, the
+    # sampler runs them once per request and only the action expert per step (exact for a model trained so).
+    video_und_see_actions: bool = True
 
     def __post_init__(self):
         v = self.video

@@ -65,9 +65,9 @@ def test_timesteps_and_held_streams_over_steps(tiny_model, tiny_fixture, mode, m
     calls = []
     forward = tiny_model.forward
 
-    def spy(video, t_video, actions, t_action, cond, cache=None):
+    def spy(video, t_video, actions, t_action, cond, **kw):
         calls.append((video.clone(), t_video.clone(), actions.clone(), t_action.clone()))
-        return forward(video, t_video, actions, t_action, cond, cache=cache)
+        return forward(video, t_video, actions, t_action, cond, **kw)
 
     monkeypatch.setattr(tiny_model, "forward", spy)
     kw = dict(inputs(io), **mode_args(mode, io))

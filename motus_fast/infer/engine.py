@@ -10,12 +10,12 @@ What a request needs, and how often it changes (DESIGN.md section 8):
 | condition latent (first frame)          | ``encoders.encode_frames``                    | observation (LRU)       |
 | time embeddings (e, e6) of both streams | the time MLPs, for every step of the grid     | (mode, batch, steps,    |
 |                                         |                                               | shift)                  |
-| the denoise loop                        | ``Motus.forward`` x steps, Euler updates      | CUDA graph per shapes   |
+| the denoise loop                        | ``motus_fast.flow.denoise``                   | CUDA graph per shapes   |
 
 Every cache is exact: ``InferenceEngine.sample`` returns what ``motus_fast.flow.sample`` returns for the same
-inputs and noise, bit for bit on the same device (tests/infer/test_engine.py checks all five modes), because each
-cached value is computed by the same code on the same inputs as the plain sampler computes it, and the loop below
-is the plain sampler's loop (keep the two in step: the test fails otherwise).
+inputs, noise and sampler options, bit for bit on the same device (tests/infer/test_engine.py checks all five
+modes), because each cached value is computed by the same code on the same inputs as the plain sampler computes it,
+and the loop is the plain sampler's loop, ``flow.denoise``.
 
 The batch size is a property of the request: tables and graphs are keyed by it, nothing in the model depends on it.
 """
@@ -32,20 +32,19 @@ from typing import Optional, Sequence
 import torch
 from torch.utils._pytree import tree_flatten
 
-from motus_fast.flow import MODES, SampleResult, check_and_draw_noise, sampling_grid, with_condition_frame
+from motus_fast.flow import (ACTION_MODES, GIVEN, MODE_TABLE, SampleResult, SamplerOptions, StepPlan,
+                             check_and_draw_noise, check_fp8, check_mode_inputs, denoise, result, sampler_name,
+                             step_plan)
 from motus_fast.infer.cache import LRUCache
 from motus_fast.infer.chunking import PrefixGuidance, guide_velocity
 from motus_fast.encoders import Encoders
 from motus_fast.infer.graphs import DenoiseGraphs
 from motus_fast.infer.timing import NullTimer
+from motus_fast.model.fp8 import quantize_video_linears, video_fp8_granularity
 from motus_fast.model.mot import ConditionCache, Conditioning
-from motus_fast.ops import euler_step
 
 log = logging.getLogger("motus_fast")
 Tensor = torch.Tensor
-
-VIDEO_INTEGRATED = ("joint", "world_model", "video")
-ACTION_INTEGRATED = ("joint", "vla", "idm")
 
 
 @dataclass
@@ -77,24 +76,18 @@ class Prepared:
     cond_latent: Optional[Tensor]
 
 
-@dataclass
-class StepPlan:
-    """The fixed step grid of one (mode, batch, steps, shift): timesteps, Euler dt, and the time-MLP outputs."""
-
-    t_video: list[Tensor]           # per step [B], 0..1000 (what the plain sampler feeds)
-    t_action: list[Tensor]
-    sigma: list[Tensor]             # per step 0-d: the noise level at the start of the step
-    dt: list[Tensor]                # per step 0-d: t_{i+1} - t_i
-    emb: list[tuple]                # per step ((e_v, e6_v), (e_a, e6_a)): Motus.forward's time_emb
-
-
 class InferenceEngine:
-    """Owns a model (eval mode) and its encoders; thread-compatible, not thread-safe (one caller at a time)."""
+    """Owns a model (eval mode) and its encoders; thread-compatible, not thread-safe (one caller at a time).
+    sampler: the denoise loop's options (exact by default); FP8 options convert the model's video layers in place."""
 
     def __init__(self, model, encoders: Optional[Encoders] = None, *, steps: Optional[int] = None,
                  shift: Optional[float] = None, cuda_graphs: Optional[bool] = None, instruction_cache: int = 64,
-                 observation_cache: int = 4, plan_cache: int = 32, max_graphs: int = 8):
+                 observation_cache: int = 4, plan_cache: int = 32, max_graphs: int = 8,
+                 sampler: SamplerOptions = SamplerOptions()):
         self.model = model.eval()
+        self.sampler = sampler
+        if sampler.fp8_video is not None and sampler.fp8_video != video_fp8_granularity(model):
+            quantize_video_linears(self.model, sampler.fp8_video)
         self.cfg = model.cfg
         self.encoders = encoders
         p = next(model.parameters())
@@ -104,13 +97,33 @@ class InferenceEngine:
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device (it is on {self.device})")
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self.graphs = DenoiseGraphs(max_graphs) if use_graphs else None
         why_not = "disabled" if cuda_graphs is False else f"device {self.device.type}"
-        log.info("inference engine: %s %s, %d steps (shift %g), CUDA graphs %s", self.device, self.dtype,
-                 self.steps, self.shift, "on" if use_graphs else f"off ({why_not})")
+        self._graphs_allowed, self._max_graphs = use_graphs, max_graphs
+        if use_graphs and sampler.host_decisions:
+            use_graphs, why_not = False, "the velocity cache decides on the host"
+        self.graphs = DenoiseGraphs(max_graphs) if use_graphs else None
+        log.info("inference engine: %s %s, %d steps (shift %g), CUDA graphs %s, sampler %s", self.device, self.dtype,
+                 self.steps, self.shift, "on" if use_graphs else f"off ({why_not})", sampler)
         self.instructions: LRUCache[Instruction] = LRUCache(instruction_cache)
         self.observations: LRUCache[Observation] = LRUCache(observation_cache)
         self.plans: LRUCache[StepPlan] = LRUCache(plan_cache)
+
+    @property
+    def sampler_name(self) -> str:
+        return sampler_name(self.sampler)
+
+    def set_sampler(self, sampler: SamplerOptions) -> None:
+        """Run later requests with these options (FP8 converts the video layers in place, once; captured graphs
+        are dropped)."""
+        if sampler.fp8_video is not None and sampler.fp8_video != video_fp8_granularity(self.model):
+            quantize_video_linears(self.model, sampler.fp8_video)
+        elif sampler.fp8_video is None and video_fp8_granularity(self.model) is not None:
+            raise ValueError("this engine's model holds FP8 video weights: build a new engine for a non-FP8 sampler")
+        self.sampler = sampler
+        use_graphs = self._graphs_allowed and not sampler.host_decisions
+        self.graphs = DenoiseGraphs(self._max_graphs) if use_graphs else None
+        log.info("inference engine: sampler %s (%s), CUDA graphs %s", self.sampler_name, sampler,
+                 "on" if use_graphs else "off")
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, encoders: Optional[Encoders] = None, *, device=None,
@@ -203,25 +216,10 @@ class InferenceEngine:
     # ---- the step grid (cached) ----------------------------------------------------------------------------
     @torch.inference_mode()
     def plan(self, mode: str, batch: int, steps: int, shift: float) -> StepPlan:
-        """Timesteps, dt and time embeddings of every step, computed exactly as the plain sampler computes them."""
-        def compute():
-            model, dtype, dev = self.model, self.dtype, self.device
-            n = self.cfg.flow.num_train_timesteps
-            t_grid = sampling_grid(steps, shift, dtype, dev)
-            full = torch.full((batch,), float(n), dtype=dtype, device=dev)
-            t_scaled, dts = t_grid * n, t_grid[1:] - t_grid[:-1]
-            plan = StepPlan([], [], [], [], [])
-            for i in range(steps):
-                t_now = t_scaled[i].expand(batch)
-                t_v = t_now if mode in VIDEO_INTEGRATED else (full if mode == "vla" else torch.zeros_like(full))
-                t_a = t_now if mode in ACTION_INTEGRATED else (full if mode == "video" else torch.zeros_like(full))
-                plan.t_video.append(t_v)
-                plan.t_action.append(t_a)
-                plan.sigma.append(t_grid[i])
-                plan.dt.append(dts[i])
-                plan.emb.append((model.video.time(t_v), model.action.time(t_a)))
-            return plan
-        return self.plans.get_or_compute((mode, batch, steps, float(shift)), compute)[0]
+        """``flow.step_plan``: timesteps, dt and time embeddings of every step, as the plain sampler makes them."""
+        return self.plans.get_or_compute(
+            (mode, batch, steps, float(shift)),
+            lambda: step_plan(self.model, mode, batch, steps, shift, self.dtype, self.device))[0]
 
     # ---- sampling --------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -231,35 +229,26 @@ class InferenceEngine:
                steps: Optional[int] = None, shift: Optional[float] = None,
                guidance: Optional[PrefixGuidance] = None, generator: Optional[torch.Generator] = None,
                timer=None) -> SampleResult:
-        """``motus_fast.flow.sample`` on prepared conditioning (same arguments and results; in `idm` the
-        condition frame is frame 0 of the given `video`). guidance: RTC prefix inpainting of the action stream
-        (modes that integrate actions)."""
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
-        acfg, dtype = self.cfg.action, self.dtype
-        if mode == "world_model" and actions is None:
-            raise ValueError("mode 'world_model' needs the given `actions` [B, K, action_dim]")
-        if guidance is not None and mode not in ACTION_INTEGRATED:
-            raise ValueError(f"action-prefix guidance needs a mode that generates actions {ACTION_INTEGRATED}, "
+        """``motus_fast.flow.sample`` with this engine's sampler options on prepared conditioning (same arguments
+        and results; in `idm` the condition frame is frame 0 of the given `video`). guidance: RTC prefix
+        inpainting of the action stream (modes that integrate actions)."""
+        if guidance is not None and mode in MODE_TABLE and mode not in ACTION_MODES:
+            raise ValueError(f"action-prefix guidance needs a mode that generates actions {ACTION_MODES}, "
                              f"not {mode!r}")
-        cond_latent = prepared.cond_latent
-        if mode == "idm":
-            if video is None:
-                raise ValueError("mode 'idm' needs the given `video` latents [B, C, T, H, W]")
-            cond_latent = video[:, :, :1]
-        if cond_latent is None:
-            raise ValueError(f"mode {mode!r} needs the condition latent (prepare() from images, or cond_latent)")
-        B = cond_latent.shape[0]
-        noise_video, noise_action = check_and_draw_noise(acfg, cond_latent, num_frames, actions, video, noise_video,
-                                                         noise_action, generator, self.device, dtype)
-
+        video_given = mode in MODE_TABLE and MODE_TABLE[mode].video == GIVEN      # idm: frame 0 of the clip
+        cond_latent = check_mode_inputs(mode, actions, video, None if video_given else prepared.cond_latent)
+        check_fp8(self.model, self.sampler)
+        B, dtype = cond_latent.shape[0], self.dtype
+        noise_video, noise_action = check_and_draw_noise(self.cfg.action, cond_latent, num_frames, actions, video,
+                                                         noise_video, noise_action, generator, self.device, dtype)
         steps = steps or self.steps
         shift = self.shift if shift is None else shift
         plan = self.plan(mode, B, steps, shift)
         cond, cache = prepared.cond, prepared.cache
+        spec = MODE_TABLE[mode]
         inputs = dict(
-            x=(video if mode == "idm" else noise_video).to(self.device, dtype),
-            a=(actions if mode == "world_model" else noise_action).to(self.device, dtype),
+            x=(video if spec.video == GIVEN else noise_video).to(self.device, dtype),
+            a=(actions if spec.action == GIVEN else noise_action).to(self.device, dtype),
             cond_latent=cond_latent.to(self.device), state=cond.state, text_lens=cond.text_lens,
             text_ctx=cache.text_ctx, text_kv=cache.text_kv, und=cache.und,
             guidance=None if guidance is None else (guidance.target.to(self.device, dtype),
@@ -272,32 +261,17 @@ class InferenceEngine:
                 key = (mode, steps, float(shift), guidance is not None) + _shape_key(inputs)
                 # the conditioning tensors come from the caches, which never modify them in place
                 (x, a), _ = self.graphs.run(key, loop, inputs, immutable=("text_ctx", "text_kv", "und"))
-        return SampleResult(video=None if mode == "vla" else x, actions=None if mode == "video" else a)
+        return result(mode, x, a)
 
     def _loop(self, mode: str, plan: StepPlan, *, x, a, cond_latent, state, text_lens, text_ctx, text_kv, und,
               guidance):
-        """The plain sampler's Euler loop (motus_fast.flow.sample) on cached conditioning and time tables; a
-        pure function of its tensor arguments, so it can be captured as one CUDA graph."""
+        """``flow.denoise`` on cached conditioning and time tables; a pure function of its tensor arguments, so it
+        can be captured as one CUDA graph."""
         cond = Conditioning(text=None, state=state, text_lens=text_lens)   # the cache replaces text and vlm
         cache = ConditionCache(text_ctx=text_ctx, text_kv=text_kv, und=und)
-        rtc = None if guidance is None else PrefixGuidance(*guidance)
-        if mode != "idm":
-            x = with_condition_frame(x, cond_latent)
-        for i in range(len(plan.dt)):
-            v_video, v_action = self.model(x, plan.t_video[i], a, plan.t_action[i], cond, cache=cache,
-                                           time_emb=plan.emb[i])
-            # x + dt v for the integrated streams in one launch, the condition frame re-clamped (as the sampler)
-            xs, vs, conds = [], [], []
-            if mode in VIDEO_INTEGRATED:
-                xs, vs, conds = [x], [v_video], [cond_latent]
-            if mode in ACTION_INTEGRATED:
-                if rtc is not None:
-                    v_action = guide_velocity(a, v_action, plan.sigma[i], rtc)
-                xs, vs, conds = xs + [a], vs + [v_action], conds + [None]
-            stepped = euler_step(xs, vs, plan.dt[i], conds)
-            x = stepped[0] if mode in VIDEO_INTEGRATED else x
-            a = stepped[-1] if mode in ACTION_INTEGRATED else a
-        return x, a
+        guide = None if guidance is None else partial(guide_velocity, guidance=PrefixGuidance(*guidance))
+        return denoise(self.model, mode, plan, x=x, a=a, cond_latent=cond_latent, cond=cond, cache=cache,
+                       options=self.sampler, guide=guide)
 
     # ---- helpers ---------------------------------------------------------------------------------------------
     def draw_noise(self, seed: int, batch: int, num_frames: int, latent_hw: tuple[int, int]):

@@ -31,6 +31,11 @@ class ActionLayer(nn.Module):
         self.o = nn.Linear(width, d, bias=False)
         self.ffn = feed_forward(d, cfg.ffn_dim)
 
+    def modulated_input(self, x, e6):
+        """The AdaLN-modulated input of this layer's attention (the velocity cache's indicator)."""
+        mod = modulation_chunks(self.modulation, e6)
+        return adaln_modulate(x, mod[0], mod[1], self.cfg.eps)
+
     def attention_inputs(self, a, e6):
         """a: [B, L_a, dim]; e6: [B, 6, dim] -> q, k [B, L_a, H*D] as an ExpertQK (normalised by MotusBlock, no
         RoPE), v: [B, L_a, H, D], and the 6 modulation chunks."""

@@ -57,8 +57,24 @@ class ConditionCache:
     und: Optional[tuple[Tensor, Tensor]]    # (tokens [T_u, Du], cu_seqlens [B+1]) or None (no und stream)
 
 
+@dataclass
+class LayerKV:
+    """One layer's video and und keys (normalised, rotated) and values, [T, H, D] with samples concatenated: what
+    the action expert's queries read in a step that does not recompute those streams."""
+
+    video: tuple[Tensor, Tensor]
+    und: Optional[tuple[Tensor, Tensor]]    # None: no und stream
+
+
 def uniform_cu_seqlens(batch: int, length: int, device) -> Tensor:
     return torch.arange(batch + 1, device=device, dtype=torch.int32) * length
+
+
+def blind_to_actions(has_und: bool) -> list[list[bool]]:
+    """Expert visibility over [video, action(, und)] where video and und queries do not attend to action keys."""
+    if not has_und:
+        return [[True, False], [True, True]]
+    return [[True, False, True], [True, True, True], [True, False, True]]
 
 
 class MotusBlock(nn.Module):
@@ -68,7 +84,8 @@ class MotusBlock(nn.Module):
         self.action = ActionLayer(cfg.action, cfg.num_heads, cfg.head_dim)
         self.und = UndLayer(cfg.und, cfg.num_heads, cfg.head_dim)
 
-    def forward(self, x, a, u, *, e6_video, e6_action, rope, text, text_lens, cu_und, last: bool):
+    def forward(self, x, a, u, *, e6_video, e6_action, rope, text, text_lens, cu_und, last: bool,
+                video_und_see_actions: bool = True, kv_out: Optional[list] = None):
         # x: [B, L_v, Dv]  a: [B, L_a, Da] or None  u: [T_u, Du] (packed) or None  e6_*: [B, 6, D] or [B, L_v, 6, Dv]
         # text: embedded context [B, L_t, Dv] or this layer's cached (k, v). A stream given as None is absent
         # (stage 1 trains the video expert alone).
@@ -86,9 +103,13 @@ class MotusBlock(nn.Module):
             qk, v = qk + [qk_u], v + [vu]
             cu.append(cu_und)
         normed = qk_norm_rope(qk, self.video.cfg.num_heads)                 # RMSNorm (+ RoPE), all experts at once
+        if kv_out is not None:      # kept for later steps that run the action expert alone
+            kv_out.append(LayerKV(video=(rows(normed[0][1]), v[0]),
+                                  und=None if u is None else (rows(normed[-1][1]), v[-1])))
         # per-expert bounds of the sample lengths size the kernel grid without a device sync (und: its packed total)
         bounds = [L_v] + ([a.shape[1]] if a is not None else []) + ([u.shape[0]] if u is not None else [])
-        out = joint_attention([rows(q) for q, _ in normed], [rows(k) for _, k in normed], v, cu,
+        visible = None if video_und_see_actions or a is None else blind_to_actions(u is not None)
+        out = joint_attention([rows(q) for q, _ in normed], [rows(k) for _, k in normed], v, cu, visible=visible,
                               max_seqlens=bounds)
         x = self.video.finish(x, out[0].reshape(B, L_v, -1), mod_v, text, text_lens)
         if a is not None:
@@ -96,6 +117,33 @@ class MotusBlock(nn.Module):
         if u is not None:
             u = None if last else self.und.finish(u, out[-1].flatten(1))
         return x, a, u
+
+    def context_kv(self, x, u, *, e6_video, rope) -> LayerKV:
+        """The video and und keys and values alone (what a last layer contributes when only they are needed)."""
+        rows = lambda t: None if t is None else t.reshape(-1, *t.shape[-2:])  # noqa: E731
+        qk_v, vv, _ = self.video.attention_inputs(x, e6_video, rope)
+        qk, v = [qk_v], [rows(vv)]
+        if u is not None:
+            qk_u, vu = self.und.attention_inputs(u, need_queries=False)
+            qk, v = qk + [qk_u], v + [vu]
+        normed = qk_norm_rope(qk, self.video.cfg.num_heads)
+        return LayerKV(video=(rows(normed[0][1]), v[0]), und=None if u is None else (rows(normed[-1][1]), v[-1]))
+
+    def action_only(self, a, kv: LayerKV, *, e6_action, cu_video, cu_und):
+        """This layer of the action expert alone, its queries attending to the given video/und keys and values and
+        to its own. a: [B, L_a, Da] -> [B, L_a, Da]"""
+        B, L_a = a.shape[:2]
+        qk_a, va, mod_a = self.action.attention_inputs(a, e6_action)
+        (q, k), = qk_norm_rope([qk_a], self.video.cfg.num_heads)
+        rows = lambda t: t.reshape(B * L_a, *t.shape[-2:])  # noqa: E731
+        queries, keys, values = [None, rows(q)], [kv.video[0], rows(k)], [kv.video[1], rows(va)]
+        cu = [cu_video, uniform_cu_seqlens(B, L_a, a.device)]
+        bounds = [kv.video[0].shape[0] // B, L_a]
+        if kv.und is not None:
+            queries, keys, values, cu = queries + [None], keys + [kv.und[0]], values + [kv.und[1]], cu + [cu_und]
+            bounds.append(kv.und[0].shape[0])
+        out = joint_attention(queries, keys, values, cu, max_seqlens=bounds)
+        return self.action.finish(a, out[1].reshape(B, L_a, -1), mod_a)
 
 
 class Motus(nn.Module):
@@ -152,14 +200,15 @@ class Motus(nn.Module):
 
     def forward(self, video: Tensor, t_video: Tensor, actions: Optional[Tensor], t_action: Optional[Tensor],
                 cond: Conditioning, cache: Optional[ConditionCache] = None,
-                time_emb: Optional[tuple] = None) -> tuple[Tensor, Optional[Tensor]]:
+                time_emb: Optional[tuple] = None, kv_out: Optional[list] = None) -> tuple[Tensor, Optional[Tensor]]:
         """Velocity prediction v = noise - x0 for both streams.
 
         video: noisy latents [B, C, T, H, W] (frame 0 the clean condition); t_video: [B] or per token [B, L_v],
         0..1000; actions: noisy chunk [B, K, action_dim] (None: no action stream); t_action: [B]; cond.vlm None:
         no und stream; cache: cache_conditioning(cond), if the caller reuses it across steps; time_emb:
         ``(self.video.time(t_video), self.action.time(t_action) or None)`` precomputed for these timesteps (they
-        depend only on t: the inference engine tabulates them once per step grid), None computes them here.
+        depend only on t: the inference engine tabulates them once per step grid), None computes them here;
+        kv_out: a list that receives every layer's video/und keys and values (``LayerKV``), for ``action_velocity``.
         -> (video velocity [B, C, T, H, W], action velocity [B, K, action_dim] or None)
         """
         B = video.shape[0]
@@ -179,17 +228,57 @@ class Motus(nn.Module):
         for i, blk in enumerate(self.blocks):
             text = cache.text_kv[i] if cache.text_kv is not None else cache.text_ctx
             kw = dict(e6_video=e6_video, e6_action=e6_action, rope=(cos, sin), text=text,
-                      text_lens=cond.text_lens, cu_und=cu_und, last=i == len(self.blocks) - 1)
+                      text_lens=cond.text_lens, cu_und=cu_und, last=i == len(self.blocks) - 1,
+                      video_und_see_actions=self.cfg.video_und_see_actions, kv_out=kv_out)
             if recompute:   # keep only the block inputs; recompute the block in backward
                 x, a, u = torch.utils.checkpoint.checkpoint(blk, x, a, u, use_reentrant=False, **kw)
             else:
                 x, a, u = blk(x, a, u, **kw)
         return self.video.unembed(x, e_video, grid), None if a is None else self.action.unembed(a, e_action)
 
-    def sample(self, mode: str = "vla", **kwargs):
-        """Sample with one of the five modes; see ``motus_fast.flow.sample``."""
-        from motus_fast.flow import sample
-        return sample(self, mode, **kwargs)
+    # ---- the video/und streams once, the action expert per step ----------------------------------------------
+    def context_kv(self, video: Tensor, t_video: Tensor, cond: Conditioning, cache: Optional[ConditionCache] = None,
+                   time_emb: Optional[tuple] = None) -> list[LayerKV]:
+        """Every layer's video and und keys and values without the action stream: equal to what ``forward``
+        records when video and und do not see actions (``cfg.video_und_see_actions`` False). time_emb: the video
+        stream's ``self.video.time(t_video)``."""
+        B = video.shape[0]
+        grid = self.video.token_grid(video.shape)
+        x = self.video.embed(video)
+        _, e6_video = self.video.time(_per_sample(t_video, B, "t_video", allow_tokens=True)) if time_emb is None \
+            else time_emb
+        cache = cache or self.cache_conditioning(cond, per_layer_text_kv=False)
+        u, cu_und = cache.und or (None, None)
+        rope = rope_tables(grid, self.cfg.head_dim, device=x.device)
+        kv: list[LayerKV] = []
+        for i, blk in enumerate(self.blocks[:-1]):
+            text = cache.text_kv[i] if cache.text_kv is not None else cache.text_ctx
+            x, _, u = blk(x, None, u, e6_video=e6_video, e6_action=None, rope=rope, text=text,
+                          text_lens=cond.text_lens, cu_und=cu_und, last=False, kv_out=kv)
+        kv.append(self.blocks[-1].context_kv(x, u, e6_video=e6_video, rope=rope))   # the last layer: K/V only
+        return kv
+
+    def first_layer_inputs(self, video: Tensor, actions: Tensor, cond: Conditioning, time_emb: tuple) -> list[Tensor]:
+        """The first layer's modulated attention inputs of the video and action streams (cheap: embeddings and one
+        AdaLN): how much they change between steps indicates how much the velocities change (TeaCache)."""
+        (_, e6_video), (_, e6_action) = time_emb
+        blk = self.blocks[0]
+        return [blk.video.modulated_input(self.video.embed(video), e6_video),
+                blk.action.modulated_input(self.action.embed(actions, cond.state), e6_action)]
+
+    def action_velocity(self, actions: Tensor, t_action: Tensor, cond: Conditioning, cache: ConditionCache,
+                        context: list[LayerKV], time_emb: Optional[tuple] = None) -> Tensor:
+        """The action expert alone, attending to the given per-layer video/und keys and values (``context_kv``, or
+        ``forward``'s kv_out). time_emb: ``self.action.time(t_action)``. -> action velocity [B, K, action_dim]"""
+        B = actions.shape[0]
+        a = self.action.embed(actions, cond.state)
+        e_action, e6_action = self.action.time(_per_sample(t_action, B, "t_action")) if time_emb is None \
+            else time_emb
+        cu_video = uniform_cu_seqlens(B, context[0].video[0].shape[0] // B, a.device)
+        cu_und = None if cache.und is None else cache.und[1]
+        for blk, kv in zip(self.blocks, context):
+            a = blk.action_only(a, kv, e6_action=e6_action, cu_video=cu_video, cu_und=cu_und)
+        return self.action.unembed(a, e_action)
 
 
 def _per_sample(t: Tensor, B: int, name: str, allow_tokens: bool = False) -> Tensor:

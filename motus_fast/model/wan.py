@@ -56,6 +56,11 @@ class VideoLayer(nn.Module):
         self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.eps)
         self.ffn = feed_forward(d, cfg.ffn_dim)
 
+    def modulated_input(self, x, e6):
+        """The AdaLN-modulated input of this layer's attention (the velocity cache's indicator)."""
+        mod = modulation_chunks(self.modulation, e6)
+        return adaln_modulate(x, mod[0], mod[1], self.cfg.eps)
+
     def attention_inputs(self, x, e6, rope):
         """x: [B, L, dim]; e6: [B, 6, dim] or [B, L, 6, dim]; rope: (cos, sin) [L, D/2]
         -> q, k [B, L, H*D] as an ExpertQK (MotusBlock normalises and rotates the q/k of all experts in one

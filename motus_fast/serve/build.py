@@ -54,6 +54,7 @@ class PolicySpec:
     cuda_graphs: Optional[bool] = None          # None: on where CUDA is
     threads: Optional[int] = None
     instruction_cache: int = 64
+    sampler: str = "exact"                      # a named sampler preset (motus_fast.flow.get_sampler): exact | fast
 
     def __post_init__(self):
         if (self.checkpoint is None) == (self.preset is None):
@@ -269,8 +270,9 @@ def build_policy(spec: PolicySpec, server: Optional[ServeConfig] = None):
     num_frames = spec.num_frames or hints.get("num_frames", 2)
     attend_padding = spec.attend_padding if spec.attend_padding is not None else hints.get("attend_padding", True)
     encoders = _build_encoders(spec, kind, model.cfg, image_size, device, dtype, attend_padding)
+    from motus_fast.flow import get_sampler
     engine = InferenceEngine(model, encoders, steps=spec.steps, shift=spec.shift, cuda_graphs=spec.cuda_graphs,
-                             instruction_cache=spec.instruction_cache)
+                             instruction_cache=spec.instruction_cache, sampler=get_sampler(spec.sampler))
     config = dataclasses.replace(server or ServeConfig(), num_frames=num_frames, execute_steps=spec.execute_steps)
     normalizer = Normalizer.from_extra(extra, mode=spec.norm_mode, dataset=spec.norm_dataset)
     return MotusPolicy(engine, config, normalizer), config, name

@@ -53,6 +53,8 @@ def register(sub) -> None:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-connections", type=int, default=64)
     p.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--sampler", choices=["exact", "fast"], default="exact", help="denoise loop options "
+                   "(motus_fast.flow.SAMPLERS): exact, or fast (approximate; README 'Sampler options')")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 avoids oversubscription on "
                    "busy CPU machines)")
     p.add_argument("--instruction-cache", type=int, default=64, help="instructions kept in the LRU cache")
@@ -79,7 +81,7 @@ def spec_from_args(args):
             image_size=tuple(args.image_size) if opt("image_size") else None, norm_mode=opt("norm_mode"),
             norm_dataset=opt("norm_dataset"),
             cuda_graphs={"auto": None, "on": True, "off": False}[opt("cuda_graphs", "auto")],
-            threads=opt("threads"), instruction_cache=opt("instruction_cache", 64))
+            threads=opt("threads"), instruction_cache=opt("instruction_cache", 64), sampler=opt("sampler", "exact"))
     except ValueError as e:
         raise SystemExit(f"motus-fast {args.command}: {e}") from None
 

@@ -8,6 +8,7 @@ clip in idm), ``vlm`` (VLM features + und adapter; 0 on an observation-cache hit
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Optional
 
@@ -15,13 +16,13 @@ import numpy as np
 import torch
 
 import motus_fast
-from motus_fast.flow import MODES
+from motus_fast.flow import ACTION_MODES, MODES, VIDEO_MODES
 from motus_fast.infer.chunking import PrefixGuidance
 from motus_fast.infer.engine import InferenceEngine
 from motus_fast.infer.timing import StageTimer
 from motus_fast.serve.config import ServeConfig
 from motus_fast.serve.normalization import Normalizer
-from motus_fast.serve.schema import ACTION_MODES, FIELDS, VIDEO_MODES, Request, RequestSpec
+from motus_fast.serve.schema import FIELDS, Request, RequestSpec
 
 STAGES = ("preprocess", "text", "vae", "vlm", "denoise", "postprocess")
 
@@ -53,7 +54,9 @@ class MotusPolicy:
                 "action_dim": self.spec.action_dim, "state_dim": self.spec.state_dim,
                 "image_shape": [H, W, 3], "frame_stride": self.spec.frame_stride,
                 "modes": list(MODES), "default_mode": c.default_mode, "num_frames": c.num_frames,
-                "steps": self.engine.steps, "max_batch": c.max_batch, "max_steps": c.max_steps,
+                "steps": self.engine.steps, "sampler": self.engine.sampler_name,
+                "sampler_options": dataclasses.asdict(self.engine.sampler),
+                "max_batch": c.max_batch, "max_steps": c.max_steps,
                 "max_num_frames": c.max_num_frames, "normalization": self.normalizer.mode,
                 "fields": dict(FIELDS)}
 

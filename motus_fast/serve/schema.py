@@ -13,11 +13,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from motus_fast.flow import MODES
+from motus_fast.flow import ACTION_MODES, MODES, VIDEO_MODES
 from motus_fast.serve.config import ServeConfig
-
-VIDEO_MODES = ("joint", "world_model", "video")       # modes whose result has a video stream
-ACTION_MODES = ("joint", "vla", "idm")                # modes whose result has actions
 
 FIELDS = {
     "image": "uint8 [H, W, 3] (batch: [B, H, W, 3]): the current camera frame at the server's image_shape",

@@ -13,7 +13,7 @@ the action and understanding experts are fresh, initialised as upstream initiali
   U(+-1/sqrt(fan_in)), bias U(+-1/sqrt(fan_in))) for the VLM adapter, o and FFN; ``wan_und_qkv`` N(0, 1)/sqrt(D*hd);
   RMSNorm weights one.
 
-The frozen backbones (Qwen3-VL, umT5, Wan VAE) are loaded once here to prove they load strictly and fit the model
+The frozen backbones (Qwen3-VL, umT5, Wan VAE) are read here (headers and configs only) to prove they fit the model
 (VLM width = und adapter input, umT5 width = video text_dim, VAE latent channels = video in_channels); the checkpoint
 records where they are (``config.json`` -> ``extra.backbones``) rather than copying gigabytes.
 """
