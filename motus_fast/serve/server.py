@@ -53,6 +53,9 @@ from motus_fast.serve.scheduler import Scheduler, request_cost
 from motus_fast.serve.schema import ValidationError, validate
 
 log = logging.getLogger("motus_fast")
+# websockets' own INFO lines (every response, every open) are replaced by ours: one line per refused handshake
+_WS_LOG = logging.getLogger("motus_fast.websockets")
+_WS_LOG.setLevel(logging.WARNING)
 
 AUTH_HEADER_PREFIX = "Api-Key "
 CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION, CLOSE_TRY_AGAIN_LATER = 1001, 1008, 1013
@@ -103,7 +106,8 @@ class PolicyServer:
         cfg = self.config
         async with serve(self._handle, cfg.host, cfg.port, compression=None, max_size=cfg.max_message_bytes,
                          max_queue=(cfg.receive_queue, 0), process_request=self._process_request,
-                         server_header="motus_fast") as server:
+                         process_response=self._process_response, server_header="motus_fast",
+                         logger=_WS_LOG) as server:
             self.port = server.sockets[0].getsockname()[1]
             log.info("serving on ws://%s:%d (healthz: http://%s:%d/healthz)%s", cfg.host, self.port, cfg.host,
                      self.port, " with an API key" if cfg.api_key else "")
@@ -166,13 +170,17 @@ class PolicyServer:
     def _process_request(self, connection: ServerConnection, request: Request) -> Optional[Response]:
         try:
             return self._admit(connection, request)
-        except Exception as e:  # noqa: BLE001  (any oddity is the client's: a 400 and one line, no traceback)
-            log.warning("refused a handshake from %s: %s", connection.remote_address, clip(repr(e), 200))
-            return connection.respond(http.HTTPStatus.BAD_REQUEST, "bad request\n")
+        except Exception as e:  # noqa: BLE001  (any oddity is the client's: a 400, logged below, no traceback)
+            return connection.respond(http.HTTPStatus.BAD_REQUEST, f"bad request ({type(e).__name__})\n")
+
+    def _process_response(self, connection: ServerConnection, request: Request, response: Response) -> None:
+        """The one log line of every refused handshake (ours and websockets' own 400s)."""
+        if response.status_code != http.HTTPStatus.SWITCHING_PROTOCOLS and request.path != "/healthz":
+            log.warning("refused a handshake from %s: %d %s", connection.remote_address, response.status_code,
+                        clip(response.body.decode("utf-8", "replace").strip(), 300))
 
     def _admit(self, connection: ServerConnection, request: Request) -> Optional[Response]:
         def refuse(status, why: str) -> Response:
-            log.warning("refused a handshake from %s: %s", connection.remote_address, why)
             return connection.respond(status, why + "\n")
 
         if request.path == "/healthz":
@@ -386,6 +394,8 @@ class RunningServer:
 
     def stop(self, timeout: float = 30.0) -> None:
         """What SIGTERM does: stop accepting, finish in-flight requests, close."""
+        if not self.thread.is_alive():
+            return
         self._loop.call_soon_threadsafe(self._stop.set)
         self.thread.join(timeout)
 
