@@ -39,7 +39,7 @@ class ServeConfig:
     # admission, fairness and micro-batching
     max_request_cost: int = 1024        # batch x latent frames x steps (x 2 when frames are decoded) of one request
     max_queued_requests: int = 32       # requests waiting for the model; beyond: "busy, retry after"
-    batch_window_ms: float = 2.0        # wait this long for compatible requests to join a batch (0: no batching)
+    batch_window_ms: float = 5.0        # wait this long for compatible requests to join a batch (0: no batching)
     # caches (bytes; None: a share of the device's memory, see MotusPolicy)
     instruction_cache_bytes: Optional[int] = None
     observation_cache_bytes: Optional[int] = None
