@@ -98,7 +98,7 @@ class PolicyServer:
         self._draining = False
         self._metadata = wire.pack(policy.metadata())
         self.requests_ok = self.requests_failed = self.requests_refused_busy = self.dropped_slow_readers = 0
-        self._trimmed_at = 0.0
+        self._trimmed_at, self._trim_pending = 0.0, False
 
     # ---- running -------------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event, ready: Optional[Callable[[int], None]] = None) -> None:
@@ -361,11 +361,16 @@ class PolicyServer:
 
     def _release_memory(self) -> None:
         """Give freed message buffers back to the OS (glibc keeps large freed blocks in its heaps otherwise: four
-        flooding clients left ~0.5 GB held). At most once a second, off the event loop."""
-        now = time.monotonic()
-        if _malloc_trim is None or now - self._trimmed_at < 1.0:
+        flooding clients left ~0.25 GB held). Off the event loop, at most once a second: a close within a second
+        of the last trim schedules one trim for the end of that second."""
+        if _malloc_trim is None or self._trim_pending:
             return
-        self._trimmed_at = now
+        self._trim_pending = True
+        delay = max(0.0, self._trimmed_at + 1.0 - time.monotonic())
+        asyncio.get_running_loop().call_later(delay, self._trim)
+
+    def _trim(self) -> None:
+        self._trim_pending, self._trimmed_at = False, time.monotonic()
         self._decoder.submit(_malloc_trim, 0)
 
 

@@ -79,17 +79,17 @@ def raw_http(port, request: bytes) -> bytes:
         return s.recv(4096)
 
 
-def decode_bomb(size=12 * 2**20) -> bytes:
-    """Nested arrays with empty maps as leaves: every container small, millions of objects in all."""
-    leaf = b"\x9f" + b"\x80" * 15                   # an array of 15 empty maps
-    n = size // len(leaf)
-    return b"\xdd" + n.to_bytes(4, "big") + leaf * n
+def decode_bomb(size: int = 12 * 10**6) -> bytes:
+    """An array of 4096 arrays of empty maps: no container above 4096 entries, ~`size` objects in all."""
+    per = min(4096, size // 4096 - 3)
+    inner = b"\xdc" + per.to_bytes(2, "big") + b"\x80" * per
+    return b"\xdc" + (4096).to_bytes(2, "big") + inner * 4096
 
 
 # ---- 1. decoding with a budget -------------------------------------------------------------------------------
 def test_scan_refuses_bombs_before_decoding():
     budget = wire.DecodeBudget()
-    bomb = decode_bomb(2**20)
+    bomb = decode_bomb(2 * 10**6)
     with pytest.raises(wire.WireError, match="max_objects"):
         wire.unpack(bomb, budget)
     with pytest.raises(wire.WireError, match="max_depth"):
