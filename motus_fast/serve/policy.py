@@ -8,15 +8,15 @@ clip in idm), ``vlm`` (VLM features + und adapter; 0 on an observation-cache hit
 
 Micro-batching (``infer_batch``): each request is prepared alone (its own cache lookups, its own noise drawn from
 its own seed), then the samples of requests whose loop inputs have equal shapes are concatenated and run through
-one denoise loop, and each request's slice is post-processed alone. Every sample's computation is row-wise, so a
-request's result is bitwise what it gets alone (tests/serve/test_batching.py checks it); a request without
-``noise_seed`` gets a fresh random seed, which is what running it alone would have done with fresh noise.
+one denoise loop, and each request's slice is post-processed alone. Every sample's computation is row-wise (joint
+attention is per sample), so on CPU a request's result is bitwise what it gets alone (tests/serve/test_hostile.py
+checks it; on a GPU, matmul kernels chosen per batch size may round differently). A request without
+``noise_seed`` gets a seed drawn from torch's global generator: what running it alone does with fresh noise.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -110,7 +110,7 @@ class MotusPolicy:
             except Exception as e:  # noqa: BLE001  (one request's failure is its own)
                 results[i] = e
                 continue
-            ready.setdefault(_loop_shapes(item), []).append((i, item))
+            ready.setdefault(_loop_shapes(item, self.engine.steps), []).append((i, item))
         for group in ready.values():
             items = [item for _, item in group]
             try:
@@ -140,7 +140,8 @@ class MotusPolicy:
                 guidance = PrefixGuidance.from_prefix(prefix, self.spec.horizon, req.inference_delay)
         prepared = eng.prepare(images, req.prompts, state, timer)
         with timer.stage("preprocess"):
-            seed = secrets.randbits(63) if req.noise_seed is None else req.noise_seed
+            # unseeded: a seed from torch's global generator (reproducible under torch.manual_seed, as before)
+            seed = int(torch.randint(2**62, ())) if req.noise_seed is None else req.noise_seed
             latent_hw = tuple(prepared.cond_latent.shape[-2:])
             noise_video, noise_action = eng.draw_noise(seed, req.batch, req.num_frames, latent_hw)
         video = None
@@ -158,7 +159,7 @@ class MotusPolicy:
             first.mode, _join_prepared([it.prepared for it in items]), num_frames=first.num_frames,
             actions=_cat([it.actions for it in items]), video=_cat([it.video for it in items]),
             noise_video=_cat([it.noise_video for it in items]), noise_action=_cat([it.noise_action for it in items]),
-            steps=first.steps,
+            steps=first.steps or self.engine.steps,
             guidance=None if items[0].guidance is None else PrefixGuidance(
                 target=_cat([it.guidance.target for it in items]),
                 weights=_cat([it.guidance.weights for it in items])),
@@ -231,7 +232,7 @@ def _join_prepared(parts: list[Prepared]) -> Prepared:
                     cond_latent=_cat([p.cond_latent for p in parts]))
 
 
-def _loop_shapes(item: _Prepared) -> tuple:
+def _loop_shapes(item: _Prepared, default_steps: int) -> tuple:
     """What must agree for requests to share one loop: mode, step count, and every loop input's shape past the
     batch axis (and None-ness). The und tokens are packed, so their count may differ."""
     req, p = item.req, item.prepared
@@ -240,5 +241,5 @@ def _loop_shapes(item: _Prepared) -> tuple:
                None if item.guidance is None else item.guidance.target,
                None if p.cache.text_kv is None else p.cache.text_kv[0][0],
                None if p.cache.und is None else p.cache.und[0])
-    return (req.mode, req.num_frames, req.steps, len(p.cache.text_kv or ())) + tuple(
+    return (req.mode, req.num_frames, req.steps or default_steps, len(p.cache.text_kv or ())) + tuple(
         None if t is None else (tuple(t.shape[1:]), t.dtype) for t in tensors)
