@@ -8,8 +8,10 @@
   answering), and the worker takes the waiting requests in connection order, starting after the connection it
   served last: every waiting connection is served once before any is served twice.
 - **Micro-batching.** Having taken a request, the worker also takes the waiting requests with the same batch key
-  (mode, latent frames, steps and what shapes the loop: see ``batch_key``), and waits up to ``window_s`` for more
-  while some open connection has nothing queued (it might be about to send one), up to ``max_batch`` samples.
+  (mode, latent frames, steps and what shapes the loop: see ``batch_key``), and waits for more while some open
+  connection has nothing queued (it might be about to send one): until no compatible request has arrived for
+  ``window_s`` (at most ``WINDOW_CAP`` windows in all) or the batch holds ``max_batch`` samples. A lone client
+  never waits.
   The batch runs as one call (``MotusPolicy.infer_batch``), which keeps every request's result what it is alone.
 """
 
@@ -24,6 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 from motus_fast.serve.schema import Request
 
 log = logging.getLogger("motus_fast")
+WINDOW_CAP = 5          # a batch waits at most this many windows for requests to join it
 
 
 def request_cost(req: Request, default_steps: int) -> int:
@@ -107,9 +110,11 @@ class Scheduler:
         return job
 
     def _gather(self, first: Job) -> list[Job]:
-        """`first` plus compatible waiting jobs (round-robin order), waiting up to the window for more."""
+        """`first` plus compatible waiting jobs (round-robin order), waiting for more while they keep coming: until
+        no compatible request arrived for `window_s`, at most WINDOW_CAP windows in all."""
         batch, samples = [first], first.request.batch
-        deadline = time.perf_counter() + self.window_s
+        start = time.perf_counter()
+        deadline = min(first.queued_at, start) + self.window_s
         while samples < self.max_batch:
             joining = sorted((j for j in self._queue if j.key == first.key),
                              key=lambda j: (j.conn <= first.conn, j.conn))
@@ -118,7 +123,8 @@ class Scheduler:
                     self._queue.remove(job)
                     batch.append(job)
                     samples += job.request.batch
-            left = deadline - time.perf_counter()
+                    deadline = max(deadline, job.queued_at + self.window_s)     # a train of arrivals: keep waiting
+            left = min(deadline, start + WINDOW_CAP * self.window_s) - time.perf_counter()
             idle = self.open_connections - len(batch) - len(self._queue)   # might send one any moment
             if samples >= self.max_batch or left <= 0 or idle <= 0 or self._stopping:
                 break
