@@ -20,8 +20,8 @@ class ServeConfig:
     auth_timeout_s: float = 2.0         # a client authenticating by message must send it within this time
     auth_message_bytes: int = 1024      # size limit of that first message (checked per frame, before buffering)
     # per-connection memory and time
-    receive_queue: int = 1              # frames a connection may buffer beyond the one being read (websockets'
-                                        # high-water mark): at most (receive_queue + 2) * max_message_bytes held
+    receive_queue: int = 0              # websockets' high-water mark: reading from the socket pauses once more
+                                        # frames wait; (receive_queue + 2) * max_message_bytes held at most
     send_timeout_s: float = 10.0        # a reply not accepted by the client's socket within this closes it (1008)
     # decoding budget of one request (all containers together, not each)
     max_decoded_objects: int = 4096     # msgpack objects (maps, arrays, strings, numbers, ...) in one message
@@ -54,13 +54,15 @@ class ServeConfig:
         if self.api_key is not None and len(self.api_key) < 8:
             raise ValueError("an API key must have at least 8 characters")
         for name in ("max_message_bytes", "max_connections", "max_unauthenticated", "max_batch", "max_steps",
-                     "auth_message_bytes", "receive_queue", "max_decoded_objects", "max_decoded_depth",
+                     "auth_message_bytes", "max_decoded_objects", "max_decoded_depth",
                      "max_request_cost", "max_queued_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServeConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("auth_timeout_s", "send_timeout_s", "shutdown_deadline_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ServeConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.receive_queue < 0:
+            raise ValueError(f"ServeConfig.receive_queue must be >= 0, got {self.receive_queue}")
         if self.batch_window_ms < 0:
             raise ValueError(f"ServeConfig.batch_window_ms must be >= 0, got {self.batch_window_ms}")
         for name in ("instruction_cache_bytes", "observation_cache_bytes"):

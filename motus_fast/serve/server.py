@@ -13,10 +13,10 @@ Safety (the server is written for hostile clients; ``ServeConfig`` holds every l
   frame and close code 1008. Until it has sent its key a connection may send at most ``auth_message_bytes``
   (checked per frame, before the payload is buffered), must do so within ``auth_timeout_s``, and counts against
   ``max_unauthenticated``, not ``max_connections``: connections without a key can never lock out key holders.
-- memory per connection is bounded: messages above ``max_message_bytes`` close the connection (1009), the
-  receive queue holds at most ``receive_queue`` frames beyond the message being read, a connection's next message
-  is read only after its current one is answered, and a client that stops reading its replies is dropped after
-  ``send_timeout_s``.
+- memory per connection is bounded: messages above ``max_message_bytes`` close the connection (1009), reading
+  from its socket pauses once more than ``receive_queue`` frames wait, its next message is read only after its
+  current one is answered (at most (receive_queue + 2) x max_message_bytes held), a client that stops reading its
+  replies is dropped after ``send_timeout_s``, and freed message buffers go back to the OS (``malloc_trim``).
 - a message is checked against a total decode budget (bytes, objects, depth: ``wire.DecodeBudget``) before
   msgpack builds anything, decoded and validated off the event loop, and validated before it reaches the model.
 - every error reply and log line quoting client text is escaped and at most ``MAX_ERROR_CHARS`` long.
@@ -272,7 +272,9 @@ class PolicyServer:
             while not self._draining:
                 message = await ws.recv()
                 self._busy[ws] = True
-                reply = await self._serve(conn, message)
+                serving = self._serve(conn, message)
+                del message                 # _serve drops it once decoded: hold no second reference here
+                reply = await serving
                 if not await self._send(ws, reply):
                     return
                 self._busy[ws] = False
@@ -304,12 +306,10 @@ class PolicyServer:
         """One message -> the reply (msgpack bytes, or an error text frame)."""
         received = time.perf_counter()
         loop = asyncio.get_running_loop()
-        try:
-            request = await loop.run_in_executor(self._decoder, self._decode, message)
-        except (wire.WireError, ValidationError) as e:
-            return self._refuse("bad request", str(e))
-        except Exception as e:  # noqa: BLE001  (a decoder bug must not take the connection down)
-            return self._reply(e, received)
+        request = await loop.run_in_executor(self._decoder, self._decode, message)
+        del message                         # the request's arrays are views of it; nothing else may keep it alive
+        if isinstance(request, str):
+            return self._refuse("bad request", request)
         cost = request_cost(request, self.policy.engine.steps)
         if cost > self.config.max_request_cost:
             return self._refuse("too costly", f"request cost {cost} (batch x latent frames x steps, x 2 with "
@@ -330,10 +330,18 @@ class PolicyServer:
         return await done
 
     def _decode(self, message):
-        """Runs on a decode thread."""
-        if isinstance(message, str):
-            raise wire.WireError("expected a binary msgpack message, got a text frame")
-        return validate(wire.unpack(message, self.budget), self.policy.spec)
+        """-> the validated Request, or the error text (runs on a decode thread). Errors are returned as text, not
+        raised: a raised exception's traceback would keep the message (up to max_message_bytes) alive in a
+        reference cycle until the garbage collector happens to run."""
+        try:
+            if isinstance(message, str):
+                raise wire.WireError("expected a binary msgpack message, got a text frame")
+            return validate(wire.unpack(message, self.budget), self.policy.spec)
+        except (wire.WireError, ValidationError) as e:
+            return str(e)
+        except Exception as e:  # noqa: BLE001  (a decoder bug must not take the connection down)
+            log.error("internal error while decoding a request: %s", clip(repr(e), 1000))
+            return f"internal error ({type(e).__name__})"
 
     def _refuse(self, what: str, why: str) -> str:
         self.requests_failed += 1
