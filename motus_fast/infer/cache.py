@@ -61,18 +61,19 @@ class LRUCache(Generic[V]):
             self._evict(self.max_bytes - min(self.largest, self.max_bytes), self.capacity - 1)
         value = compute()
         if self.capacity:
-            size = 0
+            size, bytes_left = 0, float("inf")
             if self.max_bytes is not None:
                 size = tensor_bytes(value)
                 self.largest = max(self.largest, size)
                 if size > self.max_bytes:
                     return value, False
-                self._evict(self.max_bytes - size, self.capacity - 1)
+                bytes_left = self.max_bytes - size
+            self._evict(bytes_left, self.capacity - 1)
             self._items[key], self._sizes[key] = value, size
             self.bytes += size
         return value, False
 
-    def _evict(self, bytes_left: int, entries_left: int) -> None:
+    def _evict(self, bytes_left: float, entries_left: int) -> None:
         """Drop least recently used entries until at most `bytes_left` bytes and `entries_left` entries remain."""
         while self._items and (self.bytes > bytes_left or len(self._items) > entries_left):
             key, _ = self._items.popitem(last=False)

@@ -268,6 +268,10 @@ def test_cache_evicts_before_computing_and_holds_its_budget():
         assert cache.bytes <= 1000 and cache.bytes == sum(100 * (1 + j % 3) for j in range(20) if j in cache)
     value, hit = cache.get_or_compute("huge", lambda: torch.zeros(1000))     # larger than the budget: not kept
     assert not hit and "huge" not in cache and cache.bytes <= 1000
+    counted = LRUCache(capacity=2)                                              # no byte budget: the count holds
+    for i in range(5):
+        counted.get_or_compute(i, lambda: torch.zeros(10))
+    assert len(counted) == 2 and 4 in counted and 3 in counted
 
 
 def test_policy_caches_take_the_budget_and_publish_it(engine):
