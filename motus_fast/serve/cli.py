@@ -58,6 +58,15 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 avoids oversubscription on "
                    "busy CPU machines)")
     p.add_argument("--instruction-cache", type=int, default=64, help="instructions kept in the LRU cache")
+    limits = p.add_argument_group("limits (hostile clients, fleet load; default: ServeConfig's)")
+    limits.add_argument("--max-unauthenticated", type=int, help="connections still owing their key message")
+    limits.add_argument("--max-request-cost", type=int, help="batch x latent frames x steps (x 2 with frames)")
+    limits.add_argument("--max-queued-requests", type=int, help="beyond: 'busy, retry after'")
+    limits.add_argument("--batch-window-ms", type=float, help="micro-batching window (0: no batching)")
+    limits.add_argument("--send-timeout-s", type=float, help="drop a client that does not read its reply")
+    limits.add_argument("--shutdown-deadline-s", type=float, help="SIGTERM: time for in-flight requests")
+    limits.add_argument("--cache-budget-mb", type=float, nargs=2, metavar=("INSTRUCTIONS", "OBSERVATIONS"),
+                        help="conditioning cache budgets (default: a share of the device's memory)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check", help="preflight: what `serve` would load (headers only) and every problem found")
@@ -101,6 +110,16 @@ def cmd_check(args) -> None:
         raise SystemExit(1)
 
 
+def _limits(args) -> dict:
+    """The ServeConfig limits given on the command line."""
+    names = ("max_unauthenticated", "max_request_cost", "max_queued_requests", "batch_window_ms", "send_timeout_s",
+             "shutdown_deadline_s")
+    out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if getattr(args, "cache_budget_mb", None):
+        out["instruction_cache_bytes"], out["observation_cache_bytes"] = (int(mb * 2**20) for mb in args.cache_budget_mb)
+    return out
+
+
 def cmd_serve(args) -> None:
     from motus_fast.serve.build import build_policy
     from motus_fast.serve.config import ServeConfig
@@ -115,7 +134,7 @@ def cmd_serve(args) -> None:
             raise SystemExit(f"--api-key-env {args.api_key_env}: the environment variable is not set or empty")
     server = ServeConfig(host=args.host, port=args.port, api_key=api_key,
                          max_message_bytes=int(args.max_message_mb * 2**20), max_connections=args.max_connections,
-                         max_batch=args.max_batch)
+                         max_batch=args.max_batch, **_limits(args))
     try:
         policy, config, name = build_policy(spec, server)
     except CheckpointError as e:

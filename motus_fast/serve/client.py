@@ -21,6 +21,7 @@ class MotusClient:
                  api_key_in_message: bool = False, open_timeout: float = 30.0,
                  max_reply_bytes: Optional[int] = 256 * 2**20):
         self.uri = host if host.startswith("ws") else f"ws://{host}:{port}"
+        self._budget = wire.DecodeBudget(max_bytes=max_reply_bytes or 2**62, max_objects=2**20, max_depth=32)
         headers = {"Authorization": f"Api-Key {api_key}"} if api_key and not api_key_in_message else None
         # entered as a context manager (what websockets >= 17 asks for); close() leaves it
         self._ws = websockets.sync.client.connect(self.uri, compression=None, max_size=max_reply_bytes,
@@ -37,7 +38,7 @@ class MotusClient:
         reply = self._ws.recv()
         if isinstance(reply, str):
             raise ServerError(reply)
-        return wire.unpack(reply, max_container_len=2**20)
+        return wire.unpack(reply, self._budget)
 
     def get_server_metadata(self) -> dict:
         return self.metadata
