@@ -75,7 +75,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING)
 
     from motus_fast.config import get_preset
-    from motus_fast.infer import InferenceEngine, StubEncoders
+    from motus_fast.encoders import StubEncoders
+    from motus_fast.infer import InferenceEngine
     from motus_fast.model import Motus
     from motus_fast.serve.config import ServeConfig
     from motus_fast.serve.policy import MotusPolicy

@@ -241,7 +241,7 @@ def test_fp8_scaled_mm_matches_emulation(gran):
 
 
 def test_server_metadata_names_the_sampler():
-    from motus_fast.infer import StubEncoders
+    from motus_fast.encoders import StubEncoders
     from motus_fast.serve.config import ServeConfig
     from motus_fast.serve.policy import MotusPolicy
     model = make_model(see_actions=True, layers=1)

@@ -255,7 +255,7 @@ class MotusDataset(Dataset):
         K = self.window.chunk_size
         has_actions = self.spec.actions != "none"
         if self.spec.actions == "dataset":
-            actions = self.source.read_lowdim(ep, self.action_key, action_idx)
+            actions = self.source.read_lowdim(ep, self.action_key, action_idx).astype(np.float32)
         elif self.spec.actions == "latent":
             actions = self.latents.chunk(info.index, cond, K)
         else:
@@ -267,7 +267,7 @@ class MotusDataset(Dataset):
         state = None
         if self.cfg.with_state:
             if has_actions:
-                s = self.source.read_lowdim(ep, self.state_key, [cond])
+                s = self.source.read_lowdim(ep, self.state_key, [cond]).astype(np.float32)
                 state = self._pad(normalize(s, self.stats.state if self.stats else None, mode), self.state_dim)[0]
             else:
                 state = np.zeros(self.state_dim, dtype=np.float32)

@@ -12,16 +12,20 @@ Layout (``codebase_version`` "v3.0"; several episodes share one data file and on
                                                  lists) + timestamp, frame_index, episode_index, index, task_index
     videos/<camera>/chunk-XXX/file-XXX.mp4       the episodes of that file back to back; frame k of an episode is
                                                  at from_timestamp + timestamp[k]
-    meta/stats.json                              per-feature min/max/mean/std/count (+ q01/q99 from our writer)
+    meta/stats.json                              per feature min/max/mean/std/count/q01/q10/q50/q90/q99
 
-Features of dtype "image" (PNG bytes inside the parquet) are read too. Per-episode ``stats/*`` columns are not
-written by our writer (readers ignore them; ``meta/stats.json`` carries the dataset statistics).
+Features of dtype "image" (PNG bytes inside the parquet) are read too. Numeric features (float, int, bool) keep
+their dtype. Other dtypes (lerobot-annotate's "language" columns, strings) are not low-dim features: they are
+skipped (logged once); the ``task_aug`` rephrasings of ``language_persistent`` become extra instructions. The writer
+writes what lerobot 0.6 writes for the same features: the full statistics set in ``meta/stats.json`` and per episode
+(``stats/<feature>/<stat>`` columns of ``meta/episodes``), and the same ``info.json`` keys.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
 from collections import OrderedDict
 from pathlib import Path
@@ -45,6 +49,10 @@ DEFAULT_FEATURES = {
     "task_index": {"dtype": "int64", "shape": [1], "names": None},
 }
 _FILE_CACHE = 4     # data files whose columns a worker keeps in memory
+NUMERIC = {"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+           "bool"}
+STAT_KEYS = ("min", "max", "mean", "std", "count", "q01", "q10", "q50", "q90", "q99")   # lerobot 0.6's order
+log = logging.getLogger("motus_fast")
 
 
 def _column_to_numpy(col, name: str, where) -> np.ndarray:
@@ -86,6 +94,11 @@ class LeRobotV3Source:
                 raise DataError(f"info.json has no {key!r}", root=self.root, file=info_path)
         self.fps = float(self.info["fps"])
         self.features: dict = self.info["features"]
+        skipped = {k: f.get("dtype") for k, f in self.features.items()
+                   if f.get("dtype") not in NUMERIC | {"video", "image"}}
+        if skipped:
+            log.info("%s: features %s are not numeric, video or image; not read as low-dim features", self.root,
+                     skipped)
         self.tasks = self._read_tasks()
 
         rows = []
@@ -127,7 +140,7 @@ class LeRobotV3Source:
 
     @property
     def lowdim_keys(self) -> list[str]:
-        return [k for k, f in self.features.items() if f.get("dtype") not in ("video", "image", "string")]
+        return [k for k, f in self.features.items() if f.get("dtype") in NUMERIC]
 
     def feature_dim(self, key: str) -> int:
         return int(np.prod(self.features[key]["shape"]))
@@ -223,7 +236,7 @@ class LeRobotV3Source:
                 raise DataError(f"frame index out of range 0..{b - a - 1}: {idx.tolist()}",
                                 **self._where(episode, path))
             x = x[idx]
-        return np.asarray(x, dtype=np.float32)
+        return np.asarray(x, dtype=np.dtype(self.features[key]["dtype"]))
 
     # ---- frames ------------------------------------------------------------------------------------------------
     def read_frames(self, episode: int, camera: str, frames: Sequence[int]) -> np.ndarray:
@@ -264,13 +277,26 @@ class LeRobotV3Source:
         return np.stack(out)
 
     def instructions(self, episode: int) -> list[str]:
+        """The episode's task strings, then its ``task_aug`` rephrasings from lerobot-annotate (if any)."""
         tasks = list(self.episodes[episode].tasks)
         if not tasks and "task_index" in self.features:
             first = int(self.read_lowdim(episode, "task_index", [0])[0, 0])
             tasks = [self.tasks[first]] if first in self.tasks else []
         if not tasks:
             raise DataError("episode has no task / instruction", **self._where(episode))
-        return tasks
+        return tasks + [t for t in self.language_rows(episode, "task_aug") if t not in tasks]
+
+    def language_rows(self, episode: int, style: str) -> list[str]:
+        """Contents of the episode's ``language_persistent`` rows of one style ([] without the column)."""
+        import pyarrow.parquet as pq
+
+        if self.features.get("language_persistent", {}).get("dtype") != "language":
+            return []
+        path = self._data_file(episode)
+        table = pq.read_table(path, columns=["episode_index", "language_persistent"],
+                              filters=[("episode_index", "=", self.episodes[episode].index)])
+        rows = table.column("language_persistent")[0].as_py() if table.num_rows else []
+        return [r["content"] for r in rows or () if r.get("style") == style and r.get("content")]
 
     def episode_name(self, episode: int) -> str:
         return str(self.episodes[episode].index)
@@ -323,7 +349,7 @@ class LeRobotV3Writer:
         self._file_buffer: list[dict] = []
         self._videos: dict[str, VideoWriter] = {}
         self._total_frames = 0
-        self._stat_rows: dict[str, list[np.ndarray]] = {k: [] for k in features}
+        self._stat_rows: dict[str, list[np.ndarray]] = {k: [] for k in self.features}
         self._finished = False
 
     def __enter__(self):
@@ -384,7 +410,6 @@ class LeRobotV3Writer:
             # pixel statistics from a subsample (every few frames, every 4th pixel), in [0, 1]
             sub = np.asarray(data[k][:: max(1, T // 8), ::4, ::4], dtype=np.float64)
             self._stat_rows[k].append(sub.reshape(-1, 3) / 255)
-        row.update({"meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
         frames = {k: np.asarray(data[k], dtype=self.features[k]["dtype"]).reshape(T, -1) for k in self.vector_keys}
         frames.update({
             "timestamp": (np.arange(T) / self.fps).astype(np.float32),
@@ -393,8 +418,11 @@ class LeRobotV3Writer:
             "index": np.arange(self._total_frames, self._total_frames + T, dtype=np.int64),
             "task_index": np.full(T, self.tasks[tasks[0]], dtype=np.int64),
         })
-        for k in self.vector_keys:
-            self._stat_rows[k].append(frames[k].astype(np.float64))
+        for k in [*self.vector_keys, *DEFAULT_FEATURES]:
+            self._stat_rows[k].append(frames[k].reshape(T, -1).astype(np.float64))
+        for k, rows in self._stat_rows.items():        # this episode's statistics, as lerobot stores them
+            row.update({f"stats/{k}/{n}": v for n, v in _feature_stats(rows[-1], k in self.video_keys).items()})
+        row.update({"meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
         self._file_buffer.append(frames)
         self._episode_rows.append(row)
         self._total_frames += T
@@ -461,8 +489,10 @@ class LeRobotV3Writer:
             h, w, _ = self.features[k]["shape"]
             features[k]["names"] = ["height", "width", "channels"]
             features[k]["info"] = {"video.height": h, "video.width": w, "video.codec": _codec_family(self.codec.name),
-                                   "video.pix_fmt": self.codec.pix_fmt, "video.is_depth_map": False,
-                                   "video.fps": self.fps, "video.channels": 3, "has_audio": False}
+                                   "video.pix_fmt": self.codec.pix_fmt, "video.fps": self.fps, "video.channels": 3,
+                                   "has_audio": False, "video.g": self.codec.gop, "video.crf": self.codec.crf,
+                                   "video.preset": None, "video.fast_decode": 0, "video.video_backend": "pyav",
+                                   "video.extra_options": {}, "is_depth_map": False}
         n_ep = len(self._episode_rows)
         info = {"codebase_version": CODEBASE_VERSION, "robot_type": self.robot_type, "total_episodes": n_ep,
                 "total_frames": self._total_frames, "total_tasks": len(self.tasks), "chunks_size": self.chunks_size,
@@ -474,17 +504,18 @@ class LeRobotV3Writer:
         return self.root
 
     def _stats(self) -> dict:
-        from motus_fast.data.norm import FeatureStats
+        return {k: _feature_stats(np.concatenate(rows), k in self.video_keys) for k, rows in self._stat_rows.items()}
 
-        out = {}
-        for k, rows in self._stat_rows.items():
-            x = np.concatenate(rows)
-            s = FeatureStats.compute(x, k).to_dict()
-            s.pop("key")
-            if k in self.video_keys:   # per channel, shaped (3, 1, 1) like lerobot's image stats
-                s = {n: (np.asarray(v)[:, None, None].tolist() if isinstance(v, list) else v) for n, v in s.items()}
-            out[k] = s
-        return out
+
+def _feature_stats(x: np.ndarray, image: bool) -> dict:
+    """lerobot's statistics of one feature's rows [N, d]: min/max/mean/std/q01/q10/q50/q90/q99 per dimension and
+    count as [N]; a camera's per channel, each shaped (3, 1, 1)."""
+    from motus_fast.data.norm import FeatureStats
+
+    s = FeatureStats.compute(x)
+    out = {n: (getattr(s, n)[:, None, None] if image else getattr(s, n)).tolist() if n != "count" else [s.count]
+           for n in STAT_KEYS}
+    return out
 
 
 def _codec_family(name: str) -> str:

@@ -14,11 +14,13 @@ unused gripper) is divided by 1 instead, so it maps to ``x - offset`` (0 on the 
 names the dimensions once. Upstream applies the *action* statistics to the state too (both are qpos on RoboTwin);
 we keep one ``FeatureStats`` per role (state, action) and ``NormStats.for_dataset`` can share them.
 
-File format (``motus-fast stats --out stats.json``, also stored in checkpoints under ``extra["norm_stats"]``)::
+File format (``motus-fast stats --out stats.json``, also stored in checkpoints under ``extra["norm_stats"]``; a
+LeRobot dataset's own ``meta/stats.json`` is read too)::
 
     {"format": "motus_fast/norm_stats/1",
      "datasets": {"<name>": {"state": {"mean": [...], "std": [...], "min": [...], "max": [...], "q01": [...],
-                                       "q99": [...], "count": N, "key": "observation.state"},
+                                       "q10": [...], "q50": [...], "q90": [...], "q99": [...], "count": N,
+                                       "key": "observation.state"},
                              "action": {...}}}}
 """
 
@@ -38,7 +40,8 @@ logger = logging.getLogger(__name__)
 FORMAT = "motus_fast/norm_stats/1"
 MODES = ("none", "min_max", "mean_std", "quantile")
 SPREAD_EPS = 1e-6
-STAT_NAMES = ("mean", "std", "min", "max", "q01", "q99")
+STAT_NAMES = ("mean", "std", "min", "max", "q01", "q99")     # what normalisation needs
+QUANTILES = {"q01": 0.01, "q10": 0.10, "q50": 0.50, "q90": 0.90, "q99": 0.99}   # lerobot's full set
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 
@@ -54,6 +57,9 @@ class FeatureStats:
     q99: np.ndarray
     count: int
     key: Optional[str] = None       # the column they were computed from (informational)
+    q10: Optional[np.ndarray] = None    # lerobot's other quantiles (its quantile-10 normalisation reads them)
+    q50: Optional[np.ndarray] = None
+    q90: Optional[np.ndarray] = None
 
     @property
     def dim(self) -> int:
@@ -69,12 +75,13 @@ class FeatureStats:
             bad = np.argwhere(~np.isfinite(x))[0]
             raise ValueError(f"non-finite value in {key or 'feature'} at row {bad[0]}, dim {bad[1]}")
         q = x if x.shape[0] <= max_rows else x[:: int(np.ceil(x.shape[0] / max_rows))]
-        q01, q99 = np.quantile(q, [0.01, 0.99], axis=0)
-        return FeatureStats(mean=x.mean(0), std=x.std(0), min=x.min(0), max=x.max(0), q01=q01, q99=q99,
-                            count=int(x.shape[0]), key=key)
+        qs = dict(zip(QUANTILES, np.quantile(q, list(QUANTILES.values()), axis=0)))
+        return FeatureStats(mean=x.mean(0), std=x.std(0), min=x.min(0), max=x.max(0), count=int(x.shape[0]),
+                            key=key, **qs)
 
     def to_dict(self) -> dict:
-        d = {name: getattr(self, name).tolist() for name in STAT_NAMES}
+        d = {name: getattr(self, name).tolist() for name in (*STAT_NAMES, "q10", "q50", "q90")
+             if getattr(self, name) is not None}
         d["count"] = self.count
         if self.key is not None:
             d["key"] = self.key
@@ -85,11 +92,14 @@ class FeatureStats:
         missing = [n for n in STAT_NAMES if n not in d]
         if missing:
             raise KeyError(f"{where}: missing statistics {missing}")
-        arrays = {n: np.asarray(d[n], dtype=np.float64).reshape(-1) for n in STAT_NAMES}
+        arrays = {n: np.asarray(d[n], dtype=np.float64).reshape(-1) for n in (*STAT_NAMES, "q10", "q50", "q90")
+                  if n in d}
         dims = {a.shape[0] for a in arrays.values()}
         if len(dims) != 1:
             raise ValueError(f"{where}: statistics have different lengths {sorted(dims)}")
-        return FeatureStats(**arrays, count=int(d.get("count", 0)), key=d.get("key"))
+        count = d.get("count", 0)
+        count = int(np.asarray(count).reshape(-1)[0]) if np.size(count) else 0     # lerobot writes [N]
+        return FeatureStats(**arrays, count=count, key=d.get("key"))
 
     # ---- the affine map x_model = (x - offset) / scale ----------------------------------------------------
     def affine(self, mode: str) -> tuple[np.ndarray, np.ndarray]:
@@ -196,9 +206,17 @@ def stats_from_json(doc: dict, where: str = "norm stats") -> dict[str, DatasetSt
 
 
 def load_stats(path: str | Path) -> dict[str, DatasetStats]:
+    """Our stats file (``motus-fast stats``), or a LeRobot dataset's ``meta/stats.json`` as lerobot writes it: then
+    one entry named after the dataset folder, state from ``observation.state`` and action from ``action``."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read norm stats ({e})") from e
+    if "format" not in doc and path.name == "stats.json" and path.parent.name == "meta":
+        roles = {role: FeatureStats.from_dict({**doc[key], "key": key}, f"{path}: {key}")
+                 for role, key in (("state", "observation.state"), ("action", "action")) if key in doc}
+        if not roles:
+            raise ValueError(f"{path}: a LeRobot stats.json without 'observation.state' or 'action'")
+        return {path.parent.parent.name: DatasetStats(**roles)}
     return stats_from_json(doc, str(path))

@@ -36,8 +36,8 @@ class EpisodeSource(Protocol):
     def lowdim_keys(self) -> list[str]: ...
 
     def read_lowdim(self, episode: int, key: str, frames: Optional[Sequence[int]] = None) -> np.ndarray:
-        """float32 [n, d] rows of column ``key`` at episode-local ``frames`` (None: the whole episode).
-        ``episode`` is a position in ``episodes``."""
+        """[n, d] rows of column ``key`` at episode-local ``frames`` (None: the whole episode), in the stored dtype
+        (float, integer or bool: an int64 above 2^24 comes back exactly). ``episode`` is a position in ``episodes``."""
         ...
 
     def read_frames(self, episode: int, camera: str, frames: Sequence[int]) -> np.ndarray:

@@ -22,7 +22,8 @@ import websockets.sync.client
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from motus_fast.config import get_preset
-from motus_fast.infer import InferenceEngine, StubEncoders
+from motus_fast.encoders import StubEncoders
+from motus_fast.infer import InferenceEngine
 from motus_fast.infer.cache import LRUCache
 from motus_fast.model import Motus
 from motus_fast.serve import wire
