@@ -172,23 +172,30 @@ def _or(t, dummy):
     return dummy if t is None else t
 
 
-def adaln_forward(x, y, gate, shift, scale, eps: float, rms: bool, x_out, h, per_token: bool,
-                  tiling: tuple[int, int, int]):
-    """x, y: [B, L, D] (unit last stride); gate/shift/scale: [B, 1|L, D] or None; writes x_out (if y) and h.
-    per_token: some modulation tensor has L rows; tiling: plan(B, L, D, ...)."""
-    B, L, D = x.shape
+def forward_launcher(shape: tuple[int, int, int], strides: tuple[int, ...], has_residual: bool, has_gate: bool,
+                     has_mod: bool, per_token: bool, rms: bool, eps: float, tiling: tuple[int, int, int]):
+    """Everything of an adaln_fwd_kernel launch that depends only on the input signature, computed once: returns
+    launch(x, y, gate, shift, scale, x_out, h) (absent tensors None). x, y: [B, L, D] (unit last stride);
+    gate/shift/scale: [B|1, 1|L, D]; strides: the (batch, row) strides of x, y, gate, shift, scale, x_out, h as
+    _strides gives them; tiling: plan(B, L, D, ...)."""
+    B, L, D = shape
     block_r, tiles, progs = tiling
     if B == 0 or progs == 0:
-        return
+        return lambda *tensors: None
     block = _block_d(D)
-    adaln_fwd_kernel[(progs, B)](
-        x, _or(y, x), _or(gate, x), _or(shift, x), _or(scale, x), _or(x_out, x), h,
-        L, D, tiles, eps,
-        *_strides(x, L), *_strides(y, L), *_strides(gate, L), *_strides(shift, L), *_strides(scale, L),
-        *_strides(x_out, L), *_strides(h, L),
-        HAS_RESIDUAL=y is not None, HAS_GATE=gate is not None, HAS_MOD=shift is not None, PER_TOKEN=per_token,
-        RMS=rms, BLOCK_R=block_r, BLOCK_D=block, num_warps=_warps(block_r * block),
-    )
+    grid, scalars = (progs, B), (L, D, tiles, eps, *strides)
+    consts = dict(HAS_RESIDUAL=has_residual, HAS_GATE=has_gate, HAS_MOD=has_mod, PER_TOKEN=per_token, RMS=rms,
+                  BLOCK_R=block_r, BLOCK_D=block, num_warps=_warps(block_r * block))
+
+    def launch(x, y, gate, shift, scale, x_out, h):
+        adaln_fwd_kernel[grid](x, _or(y, x), _or(gate, x), _or(shift, x), _or(scale, x), _or(x_out, x), h,
+                               *scalars, **consts)
+    return launch
+
+
+def strides_of(L: int, *tensors) -> tuple[int, ...]:
+    """The (batch, row) strides of each [B|1, L|1, D] tensor (or None), flattened, as the kernels take them."""
+    return tuple(s for t in tensors for s in _strides(t, L))
 
 
 def adaln_backward(xr, y, gate, scale, dh, dxr, eps: float, rms: bool, dx, dy, dgate, dshift, dscale,

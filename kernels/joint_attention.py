@@ -552,34 +552,56 @@ def attention_forward(q: Sequence[Optional[Tensor]], k: Sequence[Tensor], v: Seq
     out/lse: optional preallocated buffers (tests pass NaN-filled ones to catch unwritten elements).
     Returns (out, lse): per expert [T_e, H, D] and fp32 [T_e, H] (natural log), None where q[e] is None.
     """
+    q, k, v = ([_unit_stride(t) for t in ts] for ts in (q, k, v))
+    launch = forward_launcher(q, k, v, cu_q, cu_k, max_q, visible_bits=visible_bits, softmax_scale=softmax_scale,
+                              causal=causal, config=config)
+    return launch(q, k, v, cu_q, cu_k, out, lse)
+
+
+def forward_launcher(q: Sequence[Optional[Tensor]], k: Sequence[Tensor], v: Sequence[Tensor],
+                     cu_q: Sequence[Tensor], cu_k: Sequence[Tensor], max_q: Sequence[int], *, visible_bits: int,
+                     softmax_scale: float, causal: bool = False, config: Optional[AttentionConfig] = None):
+    """What a forward launch needs from the inputs' signature (shapes, strides, dtype, bounds), computed once:
+    returns launch(q, k, v, cu_q, cu_k, out=None, lse=None) -> (out, lse) for any inputs of that signature (head
+    dim contiguous, as _unit_stride makes it)."""
     E = len(k)
+    if not 1 <= E <= MAX_EXPERTS:
+        raise ValueError(f"the Triton joint attention supports 1..{MAX_EXPERTS} experts, got {E}")
     T_any, H, D = k[0].shape
-    dtype = k[0].dtype
+    dtype, device = k[0].dtype, k[0].device
     config = config or default_config(D, dtype)
     if causal and E != 1:
         raise ValueError("causal attention is defined for a single expert only")
     B = cu_k[0].numel() - 1
     bm, bn = config.fwd.block_m, config.fwd.block_n
     has_q = [t is not None for t in q]
+    out_shapes = [None if t is None else t.shape for t in q]
     bits = effective_visibility(visible_bits, has_q)
-    if out is None:
-        out = [None if t is None else torch.empty(t.shape, dtype=dtype, device=t.device) for t in q]
-    if lse is None:
-        lse = [None if t is None else torch.empty(t.shape[:2], dtype=torch.float32, device=t.device) for t in q]
-    spare = torch.empty(0, dtype=torch.float32, device=k[0].device)
-    o_args = [out[e] if has_q[e] else k[e] for e in range(E)]
-    lse_args = [lse[e] if has_q[e] else spare for e in range(E)]
     nb = [triton.cdiv(max_q[e], bm) if has_q[e] else 0 for e in range(E)]
     grid = (B * sum(nb), H)
-    if grid[0] == 0 or H == 0:
+    q_ptrs = [q[e] if has_q[e] else k[e] for e in range(E)]
+    scalars = (*_token_head_strides(q_ptrs), *_token_head_strides(k), *_token_head_strides(v), *_padded(nb, 0),
+               B, H, softmax_scale * LOG2E)
+    consts = dict(NUM_EXPERTS=E, VISIBLE=bits, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, HEAD_D=D,
+                  PRECISION=_precision(dtype), num_warps=config.fwd.num_warps, num_stages=config.fwd.num_stages)
+    pad = [None] * (MAX_EXPERTS - E)
+
+    def launch(q, k, v, cu_q, cu_k, out=None, lse=None):
+        if out is None:
+            out = [None if s is None else torch.empty(s, dtype=dtype, device=device) for s in out_shapes]
+        if lse is None:
+            lse = [None if s is None else torch.empty(s[:2], dtype=torch.float32, device=device) for s in out_shapes]
+        if grid[0] == 0 or H == 0:
+            return out, lse
+        # experts without queries still need pointers of the right type in the q/out/lse slots; never read
+        spare = None if all(has_q) else torch.empty(0, dtype=torch.float32, device=device)
+        _fwd_kernel[grid](
+            *[q[e] if has_q[e] else k[e] for e in range(E)], *pad, *k, *pad, *v, *pad,
+            *[out[e] if has_q[e] else k[e] for e in range(E)], *pad,
+            *[lse[e] if has_q[e] else spare for e in range(E)], *pad, *cu_q, *pad, *cu_k, *pad,
+            *scalars, **consts)
         return out, lse
-    tensors, cus, strides = _common_args(q, k, v, cu_q, cu_k)
-    _fwd_kernel[grid](
-        *tensors, *_padded(o_args), *_padded(lse_args), *cus, *strides, *_padded(nb, 0),
-        B, H, softmax_scale * LOG2E,
-        NUM_EXPERTS=E, VISIBLE=bits, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, HEAD_D=D,
-        PRECISION=_precision(dtype), num_warps=config.fwd.num_warps, num_stages=config.fwd.num_stages)
-    return out, lse
+    return launch
 
 
 def attention_backward(do: Sequence[Optional[Tensor]], q: Sequence[Optional[Tensor]], k: Sequence[Tensor],
