@@ -84,7 +84,7 @@ def calls(device: str, dtype: torch.dtype) -> dict:
                                     [e.weight_k for e in experts], [True] * 3, [None] * 3, [None] * 3, [1e-6] * 3,
                                     D)),
         "euler_step": (lambda: euler_step([lat], [vel], dt, [lat[:, :, :1]]),
-                       lambda: op.euler_step([lat], [vel], dt, [lat[:, :, :1]], [], 1.0)),
+                       lambda: op.euler_step([lat], [vel], dt, [lat[:, :, :1]])),
     }
 
 

@@ -74,7 +74,7 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape), x.new_empty(x.shape)
 
     @torch.library.register_fake(f"{lib}::euler_step")
-    def _(xs, vs, dt, conds, vs_uncond, guidance):
+    def _(xs, vs, dt, conds):
         return [x.new_empty(x.shape) for x in xs]
 
 
