@@ -18,6 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from motus_fast.kernels.compile_check import kernel_signature
+
 
 @triton.jit
 def _normalise(x, mask, D, eps, RMS: tl.constexpr):
@@ -246,19 +248,8 @@ def compile_targets(dtypes=("bfloat16", "float32"), widths=(3072, 1024, 512)):
 
 
 def _signature(fn, dt: str, D: int, consts: dict) -> dict:
-    """ASTSource signature: tensors are pointers (gradient partials fp32), eps fp32, the rest i32 with
-    the 16-divisibility Triton derives at run time for aligned buffers and widths."""
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            signature[name] = "constexpr"
-        elif name.isupper() and name not in ("L", "D"):
-            signature[name] = "*fp32" if name in ("DGATE", "DSHIFT", "DSCALE") else f"*{dt}"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "eps":
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            if D % 16 == 0 and (name == "D" or name.startswith("s_")):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return dict(signature=signature, constexprs=dict(consts), attrs=attrs)
+    """Tensors are pointers (gradient partials fp32), eps fp32, the rest i32; widths and row strides 16-aligned."""
+    return kernel_signature(
+        fn, consts, lambda n: None if not n.isupper() or n in ("L", "D") else
+        "*fp32" if n in ("DGATE", "DSHIFT", "DSCALE") else f"*{dt}",
+        is_float=lambda n: n == "eps", aligned=lambda n: D % 16 == 0 and (n == "D" or n.startswith("s_")))

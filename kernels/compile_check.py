@@ -59,3 +59,28 @@ def compile_report(name: str, fn, signature: dict, constexprs: dict, attrs: dict
     ck = aot_compile(fn, signature, constexprs, attrs, arch, num_warps, num_stages)
     regs, st, ld = ptxas_usage(ck.asm["ptx"], arch)
     return CompileReport(name, regs, st, ld, ck.metadata.shared, ck.metadata.num_warps)
+
+
+def kernel_signature(fn, consts: dict, pointer_type, is_float=lambda name: False, aligned=lambda name: False,
+                     absent=lambda name: False) -> dict:
+    """ASTSource signature, constexprs and attrs of `fn`, as compile_report takes them. Each argument is a
+    constexpr (in `consts`, or a pointer for which `absent(name)`: an unused per-expert slot, passed as None), a
+    pointer (`pointer_type(name)` gives its type, e.g. "*bf16"; None for a scalar), an fp32 scalar (`is_float`) or
+    an i32. Pointers, and the ints for which `aligned(name)`, carry the 16-divisibility Triton derives at run time
+    for aligned buffers and strides."""
+    signature, constexprs, attrs = {}, dict(consts), {}
+    for i, name in enumerate(fn.arg_names):
+        pointer = None if name in consts else pointer_type(name)
+        if name in consts or (pointer and absent(name)):
+            signature[name] = "constexpr"
+            constexprs.setdefault(name, None)
+        elif pointer:
+            signature[name] = pointer
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif is_float(name):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if aligned(name):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return dict(signature=signature, constexprs=constexprs, attrs=attrs)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from motus_fast.kernels.compile_check import kernel_signature
+
 
 @triton.jit
 def noise_and_target_kernel(X0, NOISE, SIGMA, XT, V, per_sample, T, S, clean_frames, BLOCK: tl.constexpr):
@@ -176,16 +178,10 @@ def compile_targets(dtypes=("bf16", "fp32")):
 
 
 def _signature(fn, dt: str, consts: dict) -> dict:
-    """ASTSource signature: tensors are pointers (sigma / loss coefficients / partials fp32), the rest i32."""
-    signature, attrs = {}, {}
-    fp32_pointers = ("SIGMA", "PARTIAL", "COEF", "GRAD")
-    for i, name in enumerate(fn.arg_names):
+    """Tensors are pointers (sigma / loss coefficients / partials fp32), the rest i32."""
+    def pointer(name):
         stem = name.rstrip("0123456789")
-        if name in consts:
-            signature[name] = "constexpr"
-        elif stem.isupper() and stem not in ("T", "S"):
-            signature[name] = "*fp32" if stem in fp32_pointers else f"*{dt}"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "i32"
-    return dict(signature=signature, constexprs=dict(consts), attrs=attrs)
+        if not stem.isupper() or stem in ("T", "S"):
+            return None
+        return "*fp32" if stem in ("SIGMA", "PARTIAL", "COEF", "GRAD") else f"*{dt}"
+    return kernel_signature(fn, consts, pointer)

@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from motus_fast.kernels.compile_check import kernel_signature
+
 Tensor = torch.Tensor
 
 LOG2E = 1.4426950408889634                     # scores are pre-scaled by log2(e) so the softmax can use exp2
@@ -709,27 +711,16 @@ def compile_targets(dtypes=GPU_DTYPES, head_dims=(64, 128)):
 
 
 def _signature(fn, dt: str, num_experts: int, consts: dict) -> dict:
-    """signature / constexprs / attrs for ASTSource. Per-expert arguments end in the expert index; those of
-    experts >= num_experts are None (pointers) or unused ints."""
-    signature, constexprs, attrs = {}, dict(consts), {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            signature[name] = "constexpr"
-            continue
-        expert = int(name[-1]) if name[-1].isdigit() else None
+    """Per-expert arguments end in the expert index; pointers of experts >= num_experts are None (constexpr) and
+    their ints unused. Token / head strides of q, k, v carry the 16-divisibility hint."""
+    expert = lambda n: int(n[-1]) if n[-1].isdigit() else None                   # noqa: E731
+
+    def pointer(name):
         stem = name.rstrip("0123456789")
-        pointer = stem.isupper() and stem not in ("B", "H", "NB", "NT", "T")
-        if pointer and expert is not None and expert >= num_experts:
-            signature[name] = "constexpr"
-            constexprs[name] = None
-            continue
-        if pointer:
-            signature[name] = "*fp32" if stem in ("LSE", "DELTA") else "*i32" if stem.startswith("CU") else f"*{dt}"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("qk_scale", "softmax_scale"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            if name.startswith("s") and name[1] in "qkv" and (expert is None or expert < num_experts):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return dict(signature=signature, constexprs=constexprs, attrs=attrs)
+        if not stem.isupper() or stem in ("B", "H", "NB", "NT", "T"):
+            return None
+        return "*fp32" if stem in ("LSE", "DELTA") else "*i32" if stem.startswith("CU") else f"*{dt}"
+    used = lambda n: expert(n) is None or expert(n) < num_experts               # noqa: E731
+    return kernel_signature(fn, consts, pointer, is_float=lambda n: n in ("qk_scale", "softmax_scale"),
+                            aligned=lambda n: n.startswith("s") and n[1] in "qkv" and used(n),
+                            absent=lambda n: not used(n))

@@ -19,6 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from motus_fast.kernels.compile_check import kernel_signature
+
 
 @triton.jit
 def _rope(y, COS, SIN, r, seq_len, pairs, HEAD_DIM: tl.constexpr, WIDTH: tl.constexpr, INVERSE: tl.constexpr):
@@ -267,20 +269,12 @@ def compile_targets(dtypes=("bf16", "fp32"), widths=((3072, 128), (1536, 128))):
 
 
 def _signature(fn, dt: str, consts: dict) -> dict:
-    """ASTSource signature: tensors are pointers (rope tables fp64, weight partials fp32), eps fp32, the rest i32;
-    row strides carry the 16-divisibility of qkv chunks."""
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
+    """Tensors are pointers (rope tables fp64, weight partials fp32), eps fp32, the rest i32; row strides carry
+    the 16-divisibility of qkv chunks."""
+    def pointer(name):
         stem = name.rstrip("0123456789")
-        if name in consts:
-            signature[name] = "constexpr"
-        elif stem.isupper():
-            signature[name] = "*fp64" if stem in ("COS", "SIN") else "*fp32" if stem == "DW" else f"*{dt}"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif stem == "eps":
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            if stem == "stride":
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return dict(signature=signature, constexprs=dict(consts), attrs=attrs)
+        if not stem.isupper():
+            return None
+        return "*fp64" if stem in ("COS", "SIN") else "*fp32" if stem == "DW" else f"*{dt}"
+    return kernel_signature(fn, consts, pointer, is_float=lambda n: n.rstrip("0123456789") == "eps",
+                            aligned=lambda n: n.rstrip("0123456789") == "stride")

@@ -137,7 +137,7 @@ def _euler_plan(xs, vs, dt, conds):
                                     "cuda": cuda_ops_run_on(dev) and not grad}, dev.type)
     if backend == "reference":
         return euler_step_reference
-    if backend == "triton" and eager_call() and all(t is None or t.is_contiguous() for t in (*xs, *vs, *conds, dt)):
+    if backend == "triton" and eager_call() and all(t.is_contiguous() for t in (*xs, *vs, dt)):
         return _euler_direct(xs, conds, dt)     # eager: no dispatcher, launch arguments computed once
     op = torch.ops.motus_fast_cuda.euler_step if backend == "cuda" else torch.ops.motus_fast.euler_step
     return lambda xs, vs, dt, conds: list(op(list(xs), list(vs), dt, conds))
@@ -256,6 +256,7 @@ def _euler_direct(xs, conds, dt):
     like = [(x.shape, x.dtype, x.device) for x in xs]
 
     def run(xs, vs, dt, conds):
+        conds = [None if c is None else c.contiguous() for c in conds]   # condition frames are often a slice
         outs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in like]
         for g, launch in groups:
             end = g + K.MAX_STREAMS
