@@ -19,10 +19,19 @@ class CompileReport:
     spill_load_bytes: int
     shared_mem_bytes: int
     num_warps: int
+    vector_loads: int = 0      # 16-byte global accesses in the PTX (ld/st.global[.modifiers].v4.b32 or .v2.b64)
+    vector_stores: int = 0
 
     def line(self) -> str:
         return (f"{self.name}: regs={self.n_regs} spills(st/ld)={self.spill_store_bytes}/{self.spill_load_bytes} "
-                f"smem={self.shared_mem_bytes}B warps={self.num_warps}")
+                f"smem={self.shared_mem_bytes}B warps={self.num_warps} "
+                f"v4 ld/st={self.vector_loads}/{self.vector_stores}")
+
+
+def vector_accesses(ptx: str) -> tuple[int, int]:
+    """(16-byte global loads, 16-byte global stores) in `ptx`."""
+    wide = r"(?:\.[\w:]+)*?\.(?:v4\.(?:b|u|s|f)32|v2\.(?:b|u|s|f)64)"
+    return (len(re.findall(r"\bld\.global" + wide, ptx)), len(re.findall(r"\bst\.global" + wide, ptx)))
 
 
 def aot_compile(fn, signature: dict, constexprs: dict, attrs: dict | None = None, arch: int = 90,
@@ -58,7 +67,8 @@ def compile_report(name: str, fn, signature: dict, constexprs: dict, attrs: dict
     """Compile `fn` for sm_{arch} and report registers, spills and shared memory."""
     ck = aot_compile(fn, signature, constexprs, attrs, arch, num_warps, num_stages)
     regs, st, ld = ptxas_usage(ck.asm["ptx"], arch)
-    return CompileReport(name, regs, st, ld, ck.metadata.shared, ck.metadata.num_warps)
+    return CompileReport(name, regs, st, ld, ck.metadata.shared, ck.metadata.num_warps,
+                         *vector_accesses(ck.asm["ptx"]))
 
 
 def kernel_signature(fn, consts: dict, pointer_type, is_float=lambda name: False, aligned=lambda name: False,

@@ -145,6 +145,19 @@ def _locate(pid, n0, n1, NUM_EXPERTS: tl.constexpr):
 
 
 @triton.jit
+def _tile(NB0, NB1, NB2, CU0, CU1, CU2, B, BLOCK: tl.constexpr, NUM_EXPERTS: tl.constexpr):
+    """The prologue of the attention kernels: program id 0 -> (expert e, sample b, first row of this program's
+    tile, start and length of sample b's segment of expert e). Expert e owns B * NB_e consecutive programs, NB_e
+    tiles of BLOCK rows per sample; CU_e are its int32 [B+1] boundaries."""
+    e, local = _locate(tl.program_id(0), B * NB0, B * NB1, NUM_EXPERTS)
+    nb = _pick(e, NB0, NB1, NB2, NUM_EXPERTS)
+    b = local // nb
+    cu = _pick(e, CU0, CU1, CU2, NUM_EXPERTS)
+    start = tl.load(cu + b)
+    return e, b, (local - b * nb) * BLOCK, start, tl.load(cu + b + 1) - start
+
+
+@triton.jit
 def _sees(e_q, e_k, VISIBLE: tl.constexpr, NUM_EXPERTS: tl.constexpr):
     """Runtime test of visibility bit (e_q, e_k)."""
     return ((tl.full([], VISIBLE, tl.int32) >> (e_q * NUM_EXPERTS + e_k)) & 1) != 0
@@ -211,15 +224,8 @@ def _fwd_kernel(
     NUM_EXPERTS: tl.constexpr, VISIBLE: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     h = tl.program_id(1)
-    e, local = _locate(pid, B * NB0, B * NB1, NUM_EXPERTS)
-    nb = _pick(e, NB0, NB1, NB2, NUM_EXPERTS)
-    b = local // nb
-    m0 = (local - b * nb) * BLOCK_M
-    cu_q = _pick(e, CUQ0, CUQ1, CUQ2, NUM_EXPERTS)
-    q_start = tl.load(cu_q + b)
-    q_len = tl.load(cu_q + b + 1) - q_start
+    e, b, m0, q_start, q_len = _tile(NB0, NB1, NB2, CUQ0, CUQ1, CUQ2, B, BLOCK_M, NUM_EXPERTS)
     if m0 >= q_len:
         return
 
@@ -336,15 +342,9 @@ def _dkdv_kernel(
     NUM_EXPERTS: tl.constexpr, VISIBLE: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     h = tl.program_id(1)
-    e, local = _locate(pid, B * NB0, B * NB1, NUM_EXPERTS)      # e: this program's key expert
-    nb = _pick(e, NB0, NB1, NB2, NUM_EXPERTS)
-    b = local // nb
-    n0 = (local - b * nb) * BLOCK_N
-    cu_k = _pick(e, CUK0, CUK1, CUK2, NUM_EXPERTS)
-    k_start = tl.load(cu_k + b)
-    k_len = tl.load(cu_k + b + 1) - k_start
+    # e: this program's key expert
+    e, b, n0, k_start, k_len = _tile(NB0, NB1, NB2, CUK0, CUK1, CUK2, B, BLOCK_N, NUM_EXPERTS)
     if n0 >= k_len:
         return
 
@@ -441,15 +441,8 @@ def _dq_kernel(
     NUM_EXPERTS: tl.constexpr, VISIBLE: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     h = tl.program_id(1)
-    e, local = _locate(pid, B * NB0, B * NB1, NUM_EXPERTS)
-    nb = _pick(e, NB0, NB1, NB2, NUM_EXPERTS)
-    b = local // nb
-    m0 = (local - b * nb) * BLOCK_M
-    cu_q = _pick(e, CUQ0, CUQ1, CUQ2, NUM_EXPERTS)
-    q_start = tl.load(cu_q + b)
-    q_len = tl.load(cu_q + b + 1) - q_start
+    e, b, m0, q_start, q_len = _tile(NB0, NB1, NB2, CUQ0, CUQ1, CUQ2, B, BLOCK_M, NUM_EXPERTS)
     if m0 >= q_len:
         return
 
