@@ -32,8 +32,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from motus_fast.backend import choose
+from motus_fast.backend import choose, requested_backend
 from motus_fast.kernels import interpreting
+from motus_fast.ops import attention_dispatch
 from motus_fast.ops.availability import PlanCache, eager_call, needs_grad, signature, triton_runs_on
 
 Tensor = torch.Tensor
@@ -86,11 +87,23 @@ def _joint_plan(q, k, v, cu_seqlens, visible, softmax_scale, max_seqlens):
     visible = visibility_rows(visible)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     backend = choose("joint_attention", {"triton": _triton_can_run(k[0], E), "cuda": False}, k[0].device.type)
-    if backend == "reference":
+    candidate = "triton"
+    if backend == "triton" and requested_backend() == "auto" and max_seqlens is not None:
+        candidate = attention_dispatch.select("joint_attention", k[0].device, k[0].dtype, visible, max_seqlens)
+    if backend == "reference" or candidate == "sdpa":
         return lambda q, k, v, cu, return_lse: joint_attention_reference(q, k, v, cu, visible, scale, return_lse)
+    ours = _triton_plan(q, k, v, cu_seqlens, visible, scale, max_seqlens)
+    if candidate == "flash_attn" and all(t is not None for t in q):
+        bounds = list(max_seqlens)
+        return lambda q, k, v, cu, return_lse: (ours(q, k, v, cu, True) if return_lse else (
+            attention_dispatch.flash_attn_joint(q, k, v, cu, bounds, scale), [None] * E))
+    return ours
 
+
+def _triton_plan(q, k, v, cu_seqlens, visible, scale, max_seqlens):
     from motus_fast.kernels.joint_attention import forward_launcher, visibility_bits
-    dev = k[0].device
+
+    E, dev = len(k), k[0].device
     as_int32 = lambda cu: [c if c.dtype == torch.int32 and c.device == dev  # noqa: E731
                            else c.to(device=dev, dtype=torch.int32) for c in cu]
     bits = visibility_bits(visible, E)
