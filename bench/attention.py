@@ -3,6 +3,7 @@ flash-attn, forward and forward+backward.
 
     python -m bench.attention                  # on an H100: bf16, 24 heads x 128, the three shapes below
     python -m bench.attention --sweep          # also time alternative tile configurations of our kernels
+    python -m bench.attention --profile        # torch-profiler trace (Perfetto / chrome://tracing) + kernel table
     python -m bench.attention --tune           # time every MOTUS_BACKEND=auto candidate per shape class, write
                                                # bench/results/attention_table.json, then time auto against them
 
@@ -390,6 +391,49 @@ def tune(shapes, warmup: int, iters: int, dtype, table_path) -> list[dict]:
     return rows
 
 
+def profile(shapes, dtype, out_dir) -> list[dict]:
+    """One torch-profiler trace of the inference forward of ours and of SDPA (the reference) at each shape, all
+    experts visible, written as attention_trace.json (open it in Perfetto), and a per-kernel table: time per call,
+    and for attention kernels TFLOP/s and % of the bf16 dense peak (FlashAttention's FLOP convention)."""
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
+
+    device = torch.device("cuda" if ON_GPU else "cpu")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else [])
+    problems = [Problem(shape, False, dtype, device) for shape in shapes]
+    calls = [(p, cand, _candidate_call(cand, p, None, list(p.shape.lengths))) for p in problems
+             for cand in ("triton", "sdpa")]
+    for _, _, fn in calls:                     # warm-up outside the trace (compiles, autotuning)
+        fn()
+    with torch_profile(activities=activities) as prof:
+        for p, cand, fn in calls:
+            with record_function(f"bench {p.shape.name} {cand}"):
+                fn()
+            if ON_GPU:
+                torch.cuda.synchronize()
+    out = Path(out_dir or "bench/results")
+    out.mkdir(parents=True, exist_ok=True)
+    trace = out / "attention_trace.json"
+    prof.export_chrome_trace(str(trace))
+    print(f"wrote {trace}")
+    peak = peak_tflops()
+    flops_per_call = sum(p.flops_fwd() for p in problems) / len(problems)   # exact for one shape (--shapes X)
+    rows = []
+    for ev in prof.key_averages():
+        dev_us = ev.self_device_time_total if ON_GPU else ev.self_cpu_time_total
+        if not dev_us:
+            continue
+        row = dict(kernel=ev.key[:80], calls=ev.count, total_ms=dev_us / 1e3, ms_per_call=dev_us / 1e3 / ev.count)
+        if not ev.key.startswith(("aten::", "bench ")) and any(
+                s in ev.key.lower() for s in ("_fwd_kernel", "flash", "attention", "fmha", "sdpa")):
+            row["tflops"] = flops_per_call * ev.count / (dev_us * 1e-6) / 1e12
+            row["pct_peak"] = 100 * row["tflops"] / peak if peak else None
+        rows.append(row)
+    rows.sort(key=lambda r: -r["total_ms"])
+    return rows[:40]
+
+
 def _candidate_call(candidate: str, p: Problem, visible, bounds) -> Callable[[], object]:
     """Inference forward (no grad) of one auto candidate, or of auto itself, through the public op."""
     from motus_fast.ops import attention_dispatch as AD
@@ -415,6 +459,7 @@ def main(argv=None) -> None:
     ap.add_argument("--sweep-only", action="store_true", help="GPU: only the tile sweep (no comparison table)")
     ap.add_argument("--sweep-kernels", default="fwd,dkdv,dq", help="which kernels the sweep retiles")
     ap.add_argument("--tune", action="store_true", help="time the auto candidates, write the dispatch table")
+    ap.add_argument("--profile", action="store_true", help="torch-profiler trace and per-kernel table")
     ap.add_argument("--table", default=None, help="where --tune writes the table (default: the one auto reads)")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
@@ -426,6 +471,13 @@ def main(argv=None) -> None:
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     info = device_info()
     print(f"bench.attention on {info.get('gpu') or 'CPU'}: {dtype}, peak {peak_tflops()} TFLOP/s (bf16 dense)")
+    if args.profile:
+        rows = profile(shapes, dtype, args.out_dir)
+        write_results("attention_profile", rows, ["kernel", "calls", "total_ms", "ms_per_call", "tflops",
+                                                   "pct_peak"],
+                      notes="Self device time per kernel (CPU time on a CPU) over one inference forward of ours "
+                            "and of SDPA per shape; trace: attention_trace.json.", out_dir=args.out_dir)
+        return
     if args.tune:
         from motus_fast.ops.attention_dispatch import default_table_path
 

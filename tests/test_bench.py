@@ -51,3 +51,15 @@ def test_gpu_session_dry_run_runs_every_phase(tmp_path):
         names = {Path(n).name for n in tar.getnames()}
     assert {"attention_table.json", "tests.xml"} <= names
     assert any(n.startswith("latency_") for n in names) and any(n.startswith("ops_launches") for n in names)
+
+
+@interpreted
+def test_attention_profile_writes_a_trace_and_a_kernel_table(tmp_path):
+    from bench.attention import main
+
+    main(["--profile", "--shapes", "tiny", "--out-dir", str(tmp_path)])
+    events = json.loads((tmp_path / "attention_trace.json").read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert {"bench tiny triton", "bench tiny sdpa"} <= names          # one range per candidate
+    rows = json.loads(next(tmp_path.glob("attention_profile_*.json")).read_text())["rows"]
+    assert rows and all(r["total_ms"] > 0 and r["calls"] >= 1 for r in rows)

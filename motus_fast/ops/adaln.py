@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from motus_fast.backend import choose
 from motus_fast.ops.availability import (PlanCache, cuda_ops_run_on, eager_call, launch_budget, needs_grad,
                                          signature, triton_runs_on)
+from motus_fast.ops.profiling import annotate
 
 Tensor = torch.Tensor
 NORMS = ("layer", "rms")
@@ -55,17 +56,20 @@ def gated_residual_adaln_reference(x: Tensor, y: Tensor, gate: Optional[Tensor],
 
 
 # ---- public API ---------------------------------------------------------------------------------------------
+@annotate("motus_fast.layer_norm")
 def layer_norm(x: Tensor, eps: float) -> Tensor:
     """LayerNorm over the last dim without affine parameters (biased variance), statistics in fp32."""
     return adaln_modulate(x, None, None, eps)
 
 
+@annotate("motus_fast.adaln_modulate")
 def adaln_modulate(x: Tensor, shift: Optional[Tensor], scale: Optional[Tensor], eps: float,
                    norm: str = "layer") -> Tensor:
     """x: [B, L, D] (or [T, D] without modulation); shift/scale: [B|1, 1|L, D] or both None -> h like x."""
     return _call("adaln_modulate", x, None, None, shift, scale, eps, norm)[1]
 
 
+@annotate("motus_fast.gated_residual_adaln")
 def gated_residual_adaln(x: Tensor, y: Tensor, gate: Optional[Tensor], shift: Optional[Tensor],
                          scale: Optional[Tensor], eps: float, norm: str = "layer") -> tuple[Tensor, Tensor]:
     """x' = x + y * gate (gate None: x + y); h = N(x') * (1 + scale) + shift. x, y: [B, L, D] (or [T, D] without

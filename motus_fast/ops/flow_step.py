@@ -24,6 +24,7 @@ import torch
 from motus_fast.backend import choose
 from motus_fast.ops.availability import (PlanCache, cuda_ops_run_on, eager_call, launch_budget, needs_grad,
                                          signature, triton_runs_on)
+from motus_fast.ops.profiling import annotate
 
 Tensor = torch.Tensor
 
@@ -71,6 +72,7 @@ def euler_step_reference(xs: Sequence[Tensor], vs: Sequence[Tensor], dt: Tensor,
 
 
 # ---- public API ---------------------------------------------------------------------------------------------
+@annotate("motus_fast.noise_and_target")
 def noise_and_target(x0: Tensor, noise: Tensor, sigma: Tensor, clean_frames: int = 0) -> tuple[Tensor, Tensor]:
     """x0, noise: [B, ...] (video [B, C, T, H, W]); sigma: [B] -> (x_t, v = noise - x0), both like x0."""
     _check_stream("noise_and_target", "x0", x0, clean_frames)
@@ -83,6 +85,7 @@ def noise_and_target(x0: Tensor, noise: Tensor, sigma: Tensor, clean_frames: int
     return x_t, v
 
 
+@annotate("motus_fast.masked_mse")
 def masked_mse(pred: Tensor, target: Tensor, sample_weight: Optional[Tensor] = None, skip_frames: int = 0) -> Tensor:
     """fp32 scalar flow loss of one stream (see the module docstring). pred, target: [B, ...]; weight: [B]."""
     _check_stream("masked_mse", "pred", pred, skip_frames)
@@ -97,6 +100,7 @@ def masked_mse(pred: Tensor, target: Tensor, sample_weight: Optional[Tensor] = N
     return torch.ops.motus_fast.masked_mse(pred, target, sample_weight, skip_frames)
 
 
+@annotate("motus_fast.euler_step")
 def euler_step(xs: Sequence[Tensor], vs: Sequence[Tensor], dt: Tensor,
                conds: Optional[Sequence[Optional[Tensor]]] = None) -> list[Tensor]:
     """One Euler step of every stream: x + dt * v, condition frames re-clamped. xs[i], vs[i]: [B, ...];

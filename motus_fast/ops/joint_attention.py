@@ -36,6 +36,7 @@ from motus_fast.backend import choose, requested_backend
 from motus_fast.kernels import interpreting
 from motus_fast.ops import attention_dispatch
 from motus_fast.ops.availability import PlanCache, eager_call, needs_grad, signature, triton_runs_on
+from motus_fast.ops.profiling import annotate
 
 Tensor = torch.Tensor
 
@@ -44,6 +45,7 @@ TRITON_HEAD_DIMS = (64, 128)       # kernels/joint_attention.py HEAD_DIMS (impor
 
 
 # ---- public API -------------------------------------------------------------------------------------------------
+@annotate("motus_fast.joint_attention")
 def joint_attention(
     q: Sequence[Optional[Tensor]],
     k: Sequence[Tensor],
@@ -134,6 +136,7 @@ def _triton_plan(q, k, v, cu_seqlens, visible, scale, max_seqlens):
     return run
 
 
+@annotate("motus_fast.varlen_attention")
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
                      softmax_scale: Optional[float] = None, causal: bool = False, *, return_lse: bool = False):

@@ -24,6 +24,7 @@ import torch
 from motus_fast.backend import choose
 from motus_fast.ops.availability import (PlanCache, eager_call, launch_budget, needs_grad, signature,
                                          triton_runs_on)
+from motus_fast.ops.profiling import annotate
 
 Tensor = torch.Tensor
 
@@ -68,6 +69,7 @@ def qk_norm_rope_reference(experts: Sequence[ExpertQK], num_heads: int) -> list[
 
 
 # ---- public API ---------------------------------------------------------------------------------------------
+@annotate("motus_fast.qk_norm_rope")
 def qk_norm_rope(experts: Sequence[ExpertQK], num_heads: int) -> list[tuple[Optional[Tensor], Tensor]]:
     """Normalise (and rotate) every expert's q and k in one launch. -> per expert (q, k), each [..., H, D]
     (q None where the expert gave none)."""
@@ -152,6 +154,7 @@ def _direct(experts: Sequence[ExpertQK], head_dim: int):
     return forward
 
 
+@annotate("motus_fast.rms_norm")
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """x * rsqrt(mean(x^2) + eps) * w over the last dim, fp32 statistics; x: [..., W], weight: [W]."""
     _check([ExpertQK(None, x, None, weight, eps)], 1)
