@@ -116,9 +116,12 @@ def _triton_plan(q, k, v, cu_seqlens, visible, scale, max_seqlens):
         launch = forward_launcher(q, k, v, cu_seqlens, cu_seqlens, list(max_seqlens), visible_bits=bits,
                                   softmax_scale=float(scale))
 
+        # the kernel always writes the LSE; a caller that does not want it gets no per-call buffer for it
+        scratch = [None if t is None else torch.empty(t.shape[:2], dtype=torch.float32, device=dev) for t in q]
+
         def run(q, k, v, cu, return_lse):
             cu = as_int32(cu)
-            return launch(q, k, v, cu, cu)
+            return launch(q, k, v, cu, cu, lse=None if return_lse else scratch)
         return run
 
     def run(q, k, v, cu, return_lse):   # the custom op: autograd and torch.compile

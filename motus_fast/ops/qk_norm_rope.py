@@ -99,8 +99,7 @@ def _plan(experts: Sequence[ExpertQK], num_heads: int):
     if eager_call() and not needs_grad(*tensors, *(w for e in experts for w in (e.weight_q, e.weight_k))):
         forward = _direct(experts, head_dim)
         if forward is not None:   # eager inference: no dispatcher
-            return lambda experts: [(None if e.q is None else split(q), split(k))
-                                    for e, (q, k) in zip(experts, forward(experts))]
+            return forward
 
     def run(experts):
         # a keys-only expert passes its k (and weight_k) in q's place with has_q False: the op's tensor lists hold
@@ -118,7 +117,7 @@ def _op_args(experts: Sequence[ExpertQK]) -> tuple:
 
 
 def _direct(experts: Sequence[ExpertQK], head_dim: int):
-    """-> forward(experts) -> [(q_out or None, k_out)] as [..., W] rows, launch arguments computed once; None when
+    """-> forward(experts) -> [(q_out or None, k_out)], each [..., H, D], launch arguments computed once; None when
     some input would need a copy (then the custom op path copies per call)."""
     from motus_fast.kernels.qk_norm_rope import launcher, plan, qk_norm_rope_fwd_kernel
 
@@ -135,19 +134,20 @@ def _direct(experts: Sequence[ExpertQK], head_dim: int):
         group = slots[g:g + GROUP]
         block_r = plan(group, width, *launch_budget(k[0].device, reduction=False))
         groups.append((g, launcher(qk_norm_rope_fwd_kernel, group, width, head_dim, block_r, backward=False)))
-    outs = [(None if e.q is None else (e.q.shape, _out_dtype(e.q, e.weight_q)), (e.k.shape, _out_dtype(e.k, e.weight_k)))
-            for e in experts]
+    heads = (width // head_dim, head_dim)
+    outs = [(None if e.q is None else ((*e.q.shape[:-1], *heads), _out_dtype(e.q, e.weight_q)),
+             ((*e.k.shape[:-1], *heads), _out_dtype(e.k, e.weight_k))) for e in experts]
     device = k[0].device
 
     def forward(experts):
+        # the kernels take base pointers and the row strides fixed in the plan, so the tensors go in as they are:
+        # inputs [..., W] (the plan checked they are their own row views), outputs allocated as [..., H, D]
         results, run_slots = [], []
         for e, (q_like, k_like) in zip(experts, outs):
             qo = None if q_like is None else torch.empty(q_like[0], dtype=q_like[1], device=device)
             ko = torch.empty(k_like[0], dtype=k_like[1], device=device)
             results.append((qo, ko))
-            run_slots.append(dict(q=None if qo is None else e.q.reshape(-1, width), k=e.k.reshape(-1, width),
-                                  qo=None if qo is None else qo.view(-1, width), ko=ko.view(-1, width),
-                                  wq=e.weight_q, wk=e.weight_k, rope=e.rope))
+            run_slots.append(dict(q=e.q, k=e.k, qo=qo, ko=ko, wq=e.weight_q, wk=e.weight_k, rope=e.rope))
         for g, launch in groups:
             launch(run_slots[g:g + GROUP])
         return results
