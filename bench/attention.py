@@ -3,6 +3,9 @@ flash-attn, forward and forward+backward.
 
     python -m bench.attention                  # on an H100: bf16, 24 heads x 128, the three shapes below
     python -m bench.attention --sweep          # also time alternative tile configurations of our kernels
+    python -m bench.attention --profile        # torch-profiler trace (Perfetto / chrome://tracing) + kernel table
+    python -m bench.attention --tune           # time every MOTUS_BACKEND=auto candidate per shape class, write
+                                               # bench/results/attention_table.json, then time auto against them
 
 Shapes (per sample: video | action | und tokens): ``inference`` B=1, 360 | 21 | 150 (motus-8b, one camera);
 ``training`` B=8 of the same; ``long`` B=1, 16384 | 21 | 150. Each runs with all experts visible (upstream) and
@@ -321,6 +324,131 @@ def sweep(shape: Shape, warmup: int, iters: int, dtype, kernels=("fwd", "dkdv", 
     return rows
 
 
+def tune(shapes, warmup: int, iters: int, dtype, table_path) -> list[dict]:
+    """Forward time of every auto candidate (motus_fast/ops/attention_dispatch.py) at each shape, all-visible and
+    masked; the fastest that runs becomes the table entry of its key, written to `table_path`; then auto itself is
+    timed with that table (it should match the best candidate)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from motus_fast.ops import attention_dispatch as AD
+
+    JA = sys.modules["motus_fast.ops.joint_attention"]   # the module (motus_fast.ops exports the function)
+
+    device = torch.device("cuda" if ON_GPU else "cpu")
+    rows, entries = [], {}
+    for shape in shapes:
+        for masked in (False, True):
+            p = Problem(shape, masked, dtype, device)
+            visible = None if p.visible is None else p.visible.tolist()
+            bounds = list(shape.lengths)
+            cls = AD.shape_class(visible, bounds)
+            key = AD.table_key("joint_attention", device, dtype, cls)
+            timed = {}
+            for cand in AD.CANDIDATES:
+                why = AD.runnable(cand, device, cls)
+                if why is None and cand == "triton" and not JA._triton_can_run(p.k[0], 3):
+                    why = "our kernel does not run on these tensors"
+                if why is not None:
+                    rows.append(dict(shape=shape.name, shape_class=cls, method=cand, error=why))
+                    continue
+                fn = _candidate_call(cand, p, visible, bounds)
+                timed[cand] = time_fn(fn, warmup=warmup, iters=iters)["median_ms"]
+                rows.append(dict(shape=shape.name, shape_class=cls, method=cand, median_ms=timed[cand]))
+            if timed:
+                best = min(timed, key=timed.get)
+                entries[key] = dict(op=key[0], capability=key[1], dtype=key[2], shape_class=key[3], choice=best,
+                                    shape=shape.name, median_ms=timed)
+            print(rows[-len(AD.CANDIDATES):], flush=True)
+    table_path = Path(table_path)
+    old = json.loads(table_path.read_text()).get("entries", []) if table_path.exists() else []
+    kept = [e for e in old if (e["op"], e["capability"], e["dtype"], e["shape_class"]) not in entries]
+    table_path.parent.mkdir(parents=True, exist_ok=True)
+    table_path.write_text(json.dumps({"device": device_info(), "entries": kept + list(entries.values())}, indent=2))
+    print(f"wrote {table_path}")
+    # auto with the new table, side by side with the candidates
+    saved = os.environ.get(AD.TABLE_ENV)
+    os.environ[AD.TABLE_ENV] = str(table_path)
+    AD.load_table.cache_clear()
+    JA._PLANS.clear()
+    try:
+        for shape in shapes:
+            for masked in (False, True):
+                p = Problem(shape, masked, dtype, device)
+                visible = None if p.visible is None else p.visible.tolist()
+                bounds = list(shape.lengths)
+                fn = _candidate_call("auto", p, visible, bounds)
+                rows.append(dict(shape=shape.name, shape_class=AD.shape_class(visible, bounds), method="auto",
+                                 median_ms=time_fn(fn, warmup=warmup, iters=iters)["median_ms"]))
+    finally:
+        if saved is None:
+            os.environ.pop(AD.TABLE_ENV)
+        else:
+            os.environ[AD.TABLE_ENV] = saved
+        AD.load_table.cache_clear()
+        JA._PLANS.clear()
+    return rows
+
+
+def profile(shapes, dtype, out_dir) -> list[dict]:
+    """One torch-profiler trace of the inference forward of ours and of SDPA (the reference) at each shape, all
+    experts visible, written as attention_trace.json (open it in Perfetto), and a per-kernel table: time per call,
+    and for attention kernels TFLOP/s and % of the bf16 dense peak (FlashAttention's FLOP convention)."""
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
+
+    device = torch.device("cuda" if ON_GPU else "cpu")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else [])
+    problems = [Problem(shape, False, dtype, device) for shape in shapes]
+    calls = [(p, cand, _candidate_call(cand, p, None, list(p.shape.lengths))) for p in problems
+             for cand in ("triton", "sdpa")]
+    for _, _, fn in calls:                     # warm-up outside the trace (compiles, autotuning)
+        fn()
+    with torch_profile(activities=activities) as prof:
+        for p, cand, fn in calls:
+            with record_function(f"bench {p.shape.name} {cand}"):
+                fn()
+            if ON_GPU:
+                torch.cuda.synchronize()
+    out = Path(out_dir or "bench/results")
+    out.mkdir(parents=True, exist_ok=True)
+    trace = out / "attention_trace.json"
+    prof.export_chrome_trace(str(trace))
+    print(f"wrote {trace}")
+    peak = peak_tflops()
+    flops_per_call = sum(p.flops_fwd() for p in problems) / len(problems)   # exact for one shape (--shapes X)
+    rows = []
+    for ev in prof.key_averages():
+        dev_us = ev.self_device_time_total if ON_GPU else ev.self_cpu_time_total
+        if not dev_us:
+            continue
+        row = dict(kernel=ev.key[:80], calls=ev.count, total_ms=dev_us / 1e3, ms_per_call=dev_us / 1e3 / ev.count)
+        if not ev.key.startswith(("aten::", "bench ")) and any(
+                s in ev.key.lower() for s in ("_fwd_kernel", "flash", "attention", "fmha", "sdpa")):
+            row["tflops"] = flops_per_call * ev.count / (dev_us * 1e-6) / 1e12
+            row["pct_peak"] = 100 * row["tflops"] / peak if peak else None
+        rows.append(row)
+    rows.sort(key=lambda r: -r["total_ms"])
+    return rows[:40]
+
+
+def _candidate_call(candidate: str, p: Problem, visible, bounds) -> Callable[[], object]:
+    """Inference forward (no grad) of one auto candidate, or of auto itself, through the public op."""
+    from motus_fast.ops import attention_dispatch as AD
+
+    def fwd():
+        with torch.no_grad():
+            if candidate == "flash_attn":
+                AD.flash_attn_joint(p.q, p.k, p.v, p.cu, bounds, p.shape.head_dim ** -0.5)
+                return
+            name = {"triton": "triton", "sdpa": "reference", "auto": "auto"}[candidate]
+            with backend(name):
+                joint_attention(p.q, p.k, p.v, p.cu, visible, max_seqlens=bounds)
+    return fwd
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=None, help="comma list of shape names (default: all for this device)")
@@ -330,6 +458,9 @@ def main(argv=None) -> None:
     ap.add_argument("--sweep", action="store_true", help="GPU: also time alternative tile configurations")
     ap.add_argument("--sweep-only", action="store_true", help="GPU: only the tile sweep (no comparison table)")
     ap.add_argument("--sweep-kernels", default="fwd,dkdv,dq", help="which kernels the sweep retiles")
+    ap.add_argument("--tune", action="store_true", help="time the auto candidates, write the dispatch table")
+    ap.add_argument("--profile", action="store_true", help="torch-profiler trace and per-kernel table")
+    ap.add_argument("--table", default=None, help="where --tune writes the table (default: the one auto reads)")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
 
@@ -340,6 +471,21 @@ def main(argv=None) -> None:
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     info = device_info()
     print(f"bench.attention on {info.get('gpu') or 'CPU'}: {dtype}, peak {peak_tflops()} TFLOP/s (bf16 dense)")
+    if args.profile:
+        rows = profile(shapes, dtype, args.out_dir)
+        write_results("attention_profile", rows, ["kernel", "calls", "total_ms", "ms_per_call", "tflops",
+                                                   "pct_peak"],
+                      notes="Self device time per kernel (CPU time on a CPU) over one inference forward of ours "
+                            "and of SDPA per shape; trace: attention_trace.json.", out_dir=args.out_dir)
+        return
+    if args.tune:
+        from motus_fast.ops.attention_dispatch import default_table_path
+
+        rows = tune(shapes, args.warmup, args.iters, dtype, args.table or default_table_path())
+        write_results("attention_tune", rows, ["shape", "shape_class", "method", "median_ms", "error"],
+                      notes="Inference forward per MOTUS_BACKEND=auto candidate; 'auto' is timed with the table "
+                            "just written.", out_dir=args.out_dir)
+        return
     if args.sweep_only:
         args.sweep = True
     rows = [] if args.sweep_only else run(shapes, args.modes.split(","), args.warmup, args.iters, dtype)

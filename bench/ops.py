@@ -267,10 +267,11 @@ def denoise_step_launches(preset: str, overrides: dict, latents: tuple, mode: st
     return per_step, k2 - k1
 
 
-def launch_rows(device: str, modes=("joint", "vla")) -> tuple[list[dict], str]:
+def launch_rows(device: str, modes=("joint", "vla"), presets=tuple(COUNT_CONFIGS)) -> tuple[list[dict], str]:
     fused = "auto" if ON_GPU else "triton"
     rows, details = [], []
-    for preset, sizes in COUNT_CONFIGS.items():
+    for preset in presets:
+        sizes = COUNT_CONFIGS[preset]
         for mode in modes:
             counts = {}
             for name in ("reference", fused):
@@ -293,6 +294,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--launches", action="store_true", help="only count launches per denoise step")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--presets", default=",".join(COUNT_CONFIGS), help="launch-count configs (comma list)")
+    ap.add_argument("--modes", default="joint,vla", help="sampling modes of the launch count (comma list)")
     ap.add_argument("--out-dir", default=None, help="where the result files go (default bench/results)")
     args = ap.parse_args(argv)
     device = "cuda" if ON_GPU else "cpu"
@@ -305,7 +308,7 @@ def main(argv=None):
                       ["shape", "op", "impl", "ms", "GB/s", "% HBM peak", "x eager", "x compile"],
                       notes=f"dtype {dtype}; bytes = minimum traffic (each input read once, each output written "
                             f"once); device {info.get('gpu') or info.get('cpu')}", out_dir=args.out_dir)
-    rows, details = launch_rows(device)
+    rows, details = launch_rows(device, tuple(args.modes.split(",")), tuple(args.presets.split(",")))
     write_results("ops_launches", rows, ["config", "mode", "reference launches/step", "fused launches/step",
                                          "reduction", "CUDA kernels ref/fused"],
                   notes="Per denoise step (sample(steps=2) - sample(steps=1)), B=1. motus-8b: its structure "

@@ -1,4 +1,4 @@
-// Euler step of the sampler: out = x + dt_b * v (optionally v = v_u + guidance (v - v_u)), with the condition
+// Euler step of the sampler: out = x + dt_b * v, with the condition
 // frames re-clamped, for the video and action streams in one launch. Each block owns kBlockElems elements of one
 // sample of one stream (offsets within a sample fit 32 bits); the stream descriptors travel as a kernel parameter.
 #include "common.cuh"
@@ -20,7 +20,6 @@ __global__ void euler_kernel(const EulerArgs a, const int64_t start1, const int6
   const int64_t base = b * st.per_sample;
   const T* x = static_cast<const T*>(st.x) + base;
   const T* v = static_cast<const T*>(st.v) + base;
-  const T* vu = st.v_uncond ? static_cast<const T*>(st.v_uncond) + base : nullptr;
   T* out = static_cast<T*>(st.out) + base;
   const float dt = to_float(static_cast<const T*>(a.dt)[b * a.dt_stride]);
   // offsets within a sample fit 32 bits (checked by the launcher): cheap index arithmetic
@@ -30,12 +29,7 @@ __global__ void euler_kernel(const EulerArgs a, const int64_t start1, const int6
   for (int k = 0; k < kElemsPerThread; ++k) {
     const int i = static_cast<int>((prog % blocks) * kBlockElems) + k * kThreads + static_cast<int>(threadIdx.x);
     if (i >= n) break;
-    float vel = to_float(v[i]);
-    if (vu) {
-      const float u = to_float(vu[i]);
-      vel = u + a.guidance * (vel - u);
-    }
-    float r = to_float(x[i]) + dt * vel;
+    float r = to_float(x[i]) + dt * to_float(v[i]);
     if (st.cond) {
       const int f = (i / S) % T_;
       if (f < Tc) {

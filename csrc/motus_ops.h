@@ -35,7 +35,7 @@ int64_t adaln_max_width(DType dtype);
 void launch_adaln(const AdalnArgs& args, DType dtype, void* stream);
 
 // Euler step of up to kMaxStreams streams in one launch (DESIGN.md section 5.4):
-//   out = x + dt_b * v   (with CFG: v = v_uncond + guidance * (v - v_uncond))
+//   out = x + dt_b * v
 // then frames t < Tc of a stream with a condition are overwritten by cond [B, C, Tc, S]. Tensors are contiguous;
 // a stream is viewed as [B, C, T, S] with per_sample = C * T * S elements per sample.
 constexpr int kMaxStreams = 2;
@@ -43,7 +43,6 @@ constexpr int kMaxStreams = 2;
 struct EulerStream {
   const void* x = nullptr;
   const void* v = nullptr;
-  const void* v_uncond = nullptr;  // nullptr: no CFG
   const void* cond = nullptr;      // nullptr: no condition frames
   void* out = nullptr;
   int64_t B = 0, per_sample = 0, T = 1, S = 1, Tc = 0;
@@ -54,7 +53,6 @@ struct EulerArgs {
   int num_streams = 0;
   const void* dt = nullptr;  // dtype of the streams; 0-dim (dt_stride 0) or [B] (dt_stride 1)
   int64_t dt_stride = 0;
-  float guidance = 1.f;
 };
 
 void launch_euler_step(const EulerArgs& args, DType dtype, void* stream);

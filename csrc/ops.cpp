@@ -97,12 +97,10 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_adaln(const at::Tensor& x, con
 }
 
 std::vector<at::Tensor> euler_step(at::TensorList xs, at::TensorList vs, const at::Tensor& dt,
-                                   const c10::List<std::optional<at::Tensor>>& conds, at::TensorList vs_uncond,
-                                   double guidance) {
+                                   const c10::List<std::optional<at::Tensor>>& conds) {
   const int64_t n = static_cast<int64_t>(xs.size());
-  TORCH_CHECK(n >= 1 && static_cast<int64_t>(vs.size()) == n && static_cast<int64_t>(conds.size()) == n &&
-                  (vs_uncond.empty() || static_cast<int64_t>(vs_uncond.size()) == n),
-              "euler_step needs one v and one cond (and v_uncond, if any) per stream");
+  TORCH_CHECK(n >= 1 && static_cast<int64_t>(vs.size()) == n && static_cast<int64_t>(conds.size()) == n,
+              "euler_step needs one v and one cond per stream");
   const at::Tensor& x0 = xs[0];
   TORCH_CHECK(x0.is_cuda() && x0.dim() >= 1, "xs[0] must be a CUDA [B, ...] tensor");
   const int64_t B = x0.size(0);
@@ -115,7 +113,7 @@ std::vector<at::Tensor> euler_step(at::TensorList xs, at::TensorList vs, const a
   const DType dtype = dtype_of(x0, "xs[0]");
   for (int64_t g = 0; g < n; g += kMaxStreams) {
     EulerArgs a;
-    a.dt = dt_c.data_ptr(), a.dt_stride = dt.dim() ? 1 : 0, a.guidance = static_cast<float>(guidance);
+    a.dt = dt_c.data_ptr(), a.dt_stride = dt.dim() ? 1 : 0;
     a.num_streams = static_cast<int>(std::min<int64_t>(kMaxStreams, n - g));
     for (int s = 0; s < a.num_streams; ++s) {
       const int64_t i = g + s;
@@ -132,13 +130,6 @@ std::vector<at::Tensor> euler_step(at::TensorList xs, at::TensorList vs, const a
       st.S = x.dim() >= 3 && x.size(1) * st.T > 0 ? st.per_sample / (x.size(1) * st.T)
                                                    : std::max<int64_t>(st.per_sample, 1);
       keep.insert(keep.end(), {x, v});
-      if (!vs_uncond.empty()) {
-        TORCH_CHECK(vs_uncond[i].sizes() == x.sizes(), "vs_uncond[", i, "] must have shape ", x.sizes());
-        const at::Tensor vu = vs_uncond[i].contiguous();
-        check_like(vu, x0, "vs_uncond[i]");
-        st.v_uncond = vu.data_ptr();
-        keep.push_back(vu);
-      }
       const std::optional<at::Tensor> cond = conds.get(i);
       if (cond.has_value()) {
         const at::Tensor c = cond->contiguous();
@@ -165,8 +156,7 @@ TORCH_LIBRARY(motus_fast_cuda, m) {
   m.def("adaln_modulate(Tensor x, Tensor? shift, Tensor? scale, float eps, bool rms) -> Tensor");
   m.def("gated_residual_adaln(Tensor x, Tensor y, Tensor? gate, Tensor? shift, Tensor? scale, float eps, "
         "bool rms) -> (Tensor, Tensor)");
-  m.def("euler_step(Tensor[] xs, Tensor[] vs, Tensor dt, Tensor?[] conds, Tensor[] vs_uncond, float guidance) "
-        "-> Tensor[]");
+  m.def("euler_step(Tensor[] xs, Tensor[] vs, Tensor dt, Tensor?[] conds) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(motus_fast_cuda, CUDA, m) {

@@ -18,6 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from motus_fast.kernels.compile_check import kernel_signature
+
 
 @triton.jit
 def _normalise(x, mask, D, eps, RMS: tl.constexpr):
@@ -172,23 +174,30 @@ def _or(t, dummy):
     return dummy if t is None else t
 
 
-def adaln_forward(x, y, gate, shift, scale, eps: float, rms: bool, x_out, h, per_token: bool,
-                  tiling: tuple[int, int, int]):
-    """x, y: [B, L, D] (unit last stride); gate/shift/scale: [B, 1|L, D] or None; writes x_out (if y) and h.
-    per_token: some modulation tensor has L rows; tiling: plan(B, L, D, ...)."""
-    B, L, D = x.shape
+def forward_launcher(shape: tuple[int, int, int], strides: tuple[int, ...], has_residual: bool, has_gate: bool,
+                     has_mod: bool, per_token: bool, rms: bool, eps: float, tiling: tuple[int, int, int]):
+    """Everything of an adaln_fwd_kernel launch that depends only on the input signature, computed once: returns
+    launch(x, y, gate, shift, scale, x_out, h) (absent tensors None). x, y: [B, L, D] (unit last stride);
+    gate/shift/scale: [B|1, 1|L, D]; strides: the (batch, row) strides of x, y, gate, shift, scale, x_out, h as
+    _strides gives them; tiling: plan(B, L, D, ...)."""
+    B, L, D = shape
     block_r, tiles, progs = tiling
     if B == 0 or progs == 0:
-        return
+        return lambda *tensors: None
     block = _block_d(D)
-    adaln_fwd_kernel[(progs, B)](
-        x, _or(y, x), _or(gate, x), _or(shift, x), _or(scale, x), _or(x_out, x), h,
-        L, D, tiles, eps,
-        *_strides(x, L), *_strides(y, L), *_strides(gate, L), *_strides(shift, L), *_strides(scale, L),
-        *_strides(x_out, L), *_strides(h, L),
-        HAS_RESIDUAL=y is not None, HAS_GATE=gate is not None, HAS_MOD=shift is not None, PER_TOKEN=per_token,
-        RMS=rms, BLOCK_R=block_r, BLOCK_D=block, num_warps=_warps(block_r * block),
-    )
+    grid, scalars = (progs, B), (L, D, tiles, eps, *strides)
+    consts = dict(HAS_RESIDUAL=has_residual, HAS_GATE=has_gate, HAS_MOD=has_mod, PER_TOKEN=per_token, RMS=rms,
+                  BLOCK_R=block_r, BLOCK_D=block, num_warps=_warps(block_r * block))
+
+    def launch(x, y, gate, shift, scale, x_out, h):
+        adaln_fwd_kernel[grid](x, _or(y, x), _or(gate, x), _or(shift, x), _or(scale, x), _or(x_out, x), h,
+                               *scalars, **consts)
+    return launch
+
+
+def strides_of(L: int, *tensors) -> tuple[int, ...]:
+    """The (batch, row) strides of each [B|1, L|1, D] tensor (or None), flattened, as the kernels take them."""
+    return tuple(s for t in tensors for s in _strides(t, L))
 
 
 def adaln_backward(xr, y, gate, scale, dh, dxr, eps: float, rms: bool, dx, dy, dgate, dshift, dscale,
@@ -239,19 +248,8 @@ def compile_targets(dtypes=("bfloat16", "float32"), widths=(3072, 1024, 512)):
 
 
 def _signature(fn, dt: str, D: int, consts: dict) -> dict:
-    """ASTSource signature: tensors are pointers (gradient partials fp32), eps fp32, the rest i32 with
-    the 16-divisibility Triton derives at run time for aligned buffers and widths."""
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            signature[name] = "constexpr"
-        elif name.isupper() and name not in ("L", "D"):
-            signature[name] = "*fp32" if name in ("DGATE", "DSHIFT", "DSCALE") else f"*{dt}"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "eps":
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            if D % 16 == 0 and (name == "D" or name.startswith("s_")):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return dict(signature=signature, constexprs=dict(consts), attrs=attrs)
+    """Tensors are pointers (gradient partials fp32), eps fp32, the rest i32; widths and row strides 16-aligned."""
+    return kernel_signature(
+        fn, consts, lambda n: None if not n.isupper() or n in ("L", "D") else
+        "*fp32" if n in ("DGATE", "DSHIFT", "DSCALE") else f"*{dt}",
+        is_float=lambda n: n == "eps", aligned=lambda n: D % 16 == 0 and (n == "D" or n.startswith("s_")))

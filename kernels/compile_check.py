@@ -19,10 +19,19 @@ class CompileReport:
     spill_load_bytes: int
     shared_mem_bytes: int
     num_warps: int
+    vector_loads: int = 0      # 16-byte global accesses in the PTX (ld/st.global[.modifiers].v4.b32 or .v2.b64)
+    vector_stores: int = 0
 
     def line(self) -> str:
         return (f"{self.name}: regs={self.n_regs} spills(st/ld)={self.spill_store_bytes}/{self.spill_load_bytes} "
-                f"smem={self.shared_mem_bytes}B warps={self.num_warps}")
+                f"smem={self.shared_mem_bytes}B warps={self.num_warps} "
+                f"v4 ld/st={self.vector_loads}/{self.vector_stores}")
+
+
+def vector_accesses(ptx: str) -> tuple[int, int]:
+    """(16-byte global loads, 16-byte global stores) in `ptx`."""
+    wide = r"(?:\.[\w:]+)*?\.(?:v4\.(?:b|u|s|f)32|v2\.(?:b|u|s|f)64)"
+    return (len(re.findall(r"\bld\.global" + wide, ptx)), len(re.findall(r"\bst\.global" + wide, ptx)))
 
 
 def aot_compile(fn, signature: dict, constexprs: dict, attrs: dict | None = None, arch: int = 90,
@@ -58,4 +67,30 @@ def compile_report(name: str, fn, signature: dict, constexprs: dict, attrs: dict
     """Compile `fn` for sm_{arch} and report registers, spills and shared memory."""
     ck = aot_compile(fn, signature, constexprs, attrs, arch, num_warps, num_stages)
     regs, st, ld = ptxas_usage(ck.asm["ptx"], arch)
-    return CompileReport(name, regs, st, ld, ck.metadata.shared, ck.metadata.num_warps)
+    return CompileReport(name, regs, st, ld, ck.metadata.shared, ck.metadata.num_warps,
+                         *vector_accesses(ck.asm["ptx"]))
+
+
+def kernel_signature(fn, consts: dict, pointer_type, is_float=lambda name: False, aligned=lambda name: False,
+                     absent=lambda name: False) -> dict:
+    """ASTSource signature, constexprs and attrs of `fn`, as compile_report takes them. Each argument is a
+    constexpr (in `consts`, or a pointer for which `absent(name)`: an unused per-expert slot, passed as None), a
+    pointer (`pointer_type(name)` gives its type, e.g. "*bf16"; None for a scalar), an fp32 scalar (`is_float`) or
+    an i32. Pointers, and the ints for which `aligned(name)`, carry the 16-divisibility Triton derives at run time
+    for aligned buffers and strides."""
+    signature, constexprs, attrs = {}, dict(consts), {}
+    for i, name in enumerate(fn.arg_names):
+        pointer = None if name in consts else pointer_type(name)
+        if name in consts or (pointer and absent(name)):
+            signature[name] = "constexpr"
+            constexprs.setdefault(name, None)
+        elif pointer:
+            signature[name] = pointer
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif is_float(name):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if aligned(name):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return dict(signature=signature, constexprs=constexprs, attrs=attrs)

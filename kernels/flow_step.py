@@ -7,14 +7,15 @@ the clean condition frames.
 - noise_and_target: x_t = (1 - sigma_b) x0 + sigma_b noise (x0 itself on clean frames), v = noise - x0.
 - masked MSE: per-sample sums of (pred - target)^2 over the non-clean frames into fp32 partials [B, programs]
   (the caller reduces them), and its backward d_pred = g * 2 (pred - target) * coef_b (0 on clean frames).
-- euler_step: x + dt_b * v (v = v_u + guidance (v_c - v_u) with CFG) for up to two streams (video, action) in one
-  launch; frames t < Tc of a stream with a condition are overwritten by the condition [B, C, Tc, S].
+- euler_step: x + dt_b * v for up to two streams (video, action) in one launch; frames t < Tc of a stream with a condition are overwritten by the condition [B, C, Tc, S].
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from motus_fast.kernels.compile_check import kernel_signature
 
 
 @triton.jit
@@ -63,8 +64,8 @@ def masked_sq_err_bwd_kernel(PRED, TARGET, COEF, GRAD, DPRED, per_sample, T, S, 
 
 
 @triton.jit
-def _euler_stream(X, Vc, Vu, COND, OUT, DT, dt_stride, guidance, prog, per_sample, T, S, Tc,
-                  HAS_CFG: tl.constexpr, HAS_COND: tl.constexpr, BLOCK: tl.constexpr):
+def _euler_stream(X, V, COND, OUT, DT, dt_stride, prog, per_sample, T, S, Tc,
+                  HAS_COND: tl.constexpr, BLOCK: tl.constexpr):
     """Program `prog` of this stream: block prog % blocks of sample prog // blocks (int32 offsets in a sample)."""
     blocks = tl.cdiv(per_sample, BLOCK)
     b = prog // blocks
@@ -72,10 +73,7 @@ def _euler_stream(X, Vc, Vu, COND, OUT, DT, dt_stride, guidance, prog, per_sampl
     mask = i < per_sample
     base = b.to(tl.int64) * per_sample
     x = tl.load(X + base + i, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(Vc + base + i, mask=mask, other=0.0).to(tl.float32)
-    if HAS_CFG:
-        vu = tl.load(Vu + base + i, mask=mask, other=0.0).to(tl.float32)
-        v = vu + guidance * (v - vu)
+    v = tl.load(V + base + i, mask=mask, other=0.0).to(tl.float32)
     x = x + tl.load(DT + b * dt_stride).to(tl.float32) * v
     if HAS_COND:
         f = (i // S) % T
@@ -88,21 +86,20 @@ def _euler_stream(X, Vc, Vu, COND, OUT, DT, dt_stride, guidance, prog, per_sampl
 
 @triton.jit
 def euler_step_kernel(
-    X0, V0, VU0, COND0, OUT0, per_sample0, T0, S0, Tc0,
-    X1, V1, VU1, COND1, OUT1, per_sample1, T1, S1, Tc1,
-    DT, dt_stride, guidance, start1,
-    NUM_STREAMS: tl.constexpr, HAS_CFG: tl.constexpr, HAS_COND0: tl.constexpr, HAS_COND1: tl.constexpr,
+    X0, V0, COND0, OUT0, per_sample0, T0, S0, Tc0,
+    X1, V1, COND1, OUT1, per_sample1, T1, S1, Tc1,
+    DT, dt_stride, start1,
+    NUM_STREAMS: tl.constexpr, HAS_COND0: tl.constexpr, HAS_COND1: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """1-D grid: the programs of stream 0 (B x blocks per sample), then those of stream 1."""
     pid = tl.program_id(0)
     if pid < start1:
-        _euler_stream(X0, V0, VU0, COND0, OUT0, DT, dt_stride, guidance, pid, per_sample0, T0, S0, Tc0,
-                      HAS_CFG, HAS_COND0, BLOCK)
+        _euler_stream(X0, V0, COND0, OUT0, DT, dt_stride, pid, per_sample0, T0, S0, Tc0, HAS_COND0, BLOCK)
     else:
         if NUM_STREAMS > 1:
-            _euler_stream(X1, V1, VU1, COND1, OUT1, DT, dt_stride, guidance, pid - start1, per_sample1, T1, S1,
-                          Tc1, HAS_CFG, HAS_COND1, BLOCK)
+            _euler_stream(X1, V1, COND1, OUT1, DT, dt_stride, pid - start1, per_sample1, T1, S1, Tc1, HAS_COND1,
+                          BLOCK)
 
 
 # ---- launchers ---------------------------------------------------------------------------------------------
@@ -137,33 +134,36 @@ def masked_sq_err_backward(pred, target, coef, grad, d_pred, per_sample: int, T:
                                                                 skip_frames, BLOCK=BLOCK, num_warps=4)
 
 
-def euler_step(streams, dt, dt_stride: int, guidance: float):
-    """streams: up to two dicts(x, v, v_uncond, cond, out, per_sample, T, S, Tc), contiguous tensors."""
+def euler_launcher(streams, dt_stride: int):
+    """streams: up to two (shape, has_cond, Tc) of contiguous latents viewed as [B, per_sample] with T frames of S
+    (see _layout in motus_fast/ops/flow_step.py: (per_sample, T, S)). Returns launch(xs, vs, conds, outs, dt), the
+    launch arguments computed once."""
     if len(streams) > MAX_STREAMS:
         raise ValueError(f"euler_step takes at most {MAX_STREAMS} streams in one launch, got {len(streams)}")
-    progs = [s["x"].shape[0] * _cdiv(s["per_sample"], BLOCK) for s in streams]
+    progs = [B * _cdiv(per_sample, BLOCK) for B, (per_sample, T, S), has_cond, Tc in streams]
     if sum(progs) == 0:
-        return
-    has_cfg = streams[0]["v_uncond"] is not None
-    args = []
-    for s in list(streams) + [None] * (MAX_STREAMS - len(streams)):
-        if s is None:
-            d = streams[0]["x"]
-            args += [d, d, d, d, d, 1, 1, 1, 0]
-            continue
-        args += [s["x"], s["v"], s["v_uncond"] if has_cfg else s["v"], s["cond"] if s["cond"] is not None else s["x"],
-                 s["out"], s["per_sample"], s["T"], s["S"], s["Tc"]]
-    euler_step_kernel[(sum(progs),)](
-        *args, dt, dt_stride, guidance, progs[0],
-        NUM_STREAMS=len(streams), HAS_CFG=has_cfg,
-        HAS_COND0=streams[0]["cond"] is not None, HAS_COND1=len(streams) > 1 and streams[1]["cond"] is not None,
-        BLOCK=BLOCK, num_warps=4)
+        return lambda xs, vs, conds, outs, dt: None
+    n = len(streams)
+    sizes = [(*layout, Tc) for B, layout, has_cond, Tc in streams] + [(1, 1, 1, 0)] * (MAX_STREAMS - n)
+    has_cond = [s[2] for s in streams] + [False] * (MAX_STREAMS - n)
+    grid, consts = (sum(progs),), dict(NUM_STREAMS=n, HAS_COND0=has_cond[0], HAS_COND1=has_cond[1], BLOCK=BLOCK,
+                                       num_warps=4)
+
+    def launch(xs, vs, conds, outs, dt):
+        args = []
+        for i in range(MAX_STREAMS):
+            if i < n:
+                args += [xs[i], vs[i], conds[i] if has_cond[i] else xs[i], outs[i], *sizes[i]]
+            else:
+                args += [xs[0]] * 4 + list(sizes[i])
+        euler_step_kernel[grid](*args, dt, dt_stride, progs[0], **consts)
+    return launch
 
 
 # ---- sm_90 compile targets (tests/kernels/test_compile_fused.py) --------------------------------------------------
 def compile_targets(dtypes=("bf16", "fp32")):
     """Every kernel as launched on a GPU, as compile_report kwargs; euler_step with both streams (video with its
-    condition frame, actions) with and without CFG, and the action stream alone."""
+    condition frame, actions) and the action stream alone."""
     for dt in dtypes:
         yield dict(name=f"noise_and_target {dt}", fn=noise_and_target_kernel,
                    **_signature(noise_and_target_kernel, dt, dict(BLOCK=BLOCK)), num_warps=4, num_stages=1)
@@ -171,26 +171,17 @@ def compile_targets(dtypes=("bf16", "fp32")):
                    **_signature(masked_sq_err_kernel, dt, dict(BLOCK=BLOCK)), num_warps=4, num_stages=1)
         yield dict(name=f"masked_sq_err_bwd {dt}", fn=masked_sq_err_bwd_kernel,
                    **_signature(masked_sq_err_bwd_kernel, dt, dict(BLOCK=BLOCK)), num_warps=4, num_stages=1)
-        for streams, cfg, cond0 in ((2, False, True), (2, True, True), (1, False, False)):
-            consts = dict(NUM_STREAMS=streams, HAS_CFG=cfg, HAS_COND0=cond0, HAS_COND1=False, BLOCK=BLOCK)
-            yield dict(name=f"euler_step {dt} streams={streams} cfg={cfg} cond={cond0}", fn=euler_step_kernel,
+        for streams, cond0 in ((2, True), (1, False)):
+            consts = dict(NUM_STREAMS=streams, HAS_COND0=cond0, HAS_COND1=False, BLOCK=BLOCK)
+            yield dict(name=f"euler_step {dt} streams={streams} cond={cond0}", fn=euler_step_kernel,
                        **_signature(euler_step_kernel, dt, consts), num_warps=4, num_stages=1)
 
 
 def _signature(fn, dt: str, consts: dict) -> dict:
-    """ASTSource signature: tensors are pointers (sigma / loss coefficients / partials fp32), guidance fp32,
-    the rest i32."""
-    signature, attrs = {}, {}
-    fp32_pointers = ("SIGMA", "PARTIAL", "COEF", "GRAD")
-    for i, name in enumerate(fn.arg_names):
+    """Tensors are pointers (sigma / loss coefficients / partials fp32), the rest i32."""
+    def pointer(name):
         stem = name.rstrip("0123456789")
-        if name in consts:
-            signature[name] = "constexpr"
-        elif stem.isupper() and stem not in ("T", "S"):
-            signature[name] = "*fp32" if stem in fp32_pointers else f"*{dt}"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif stem == "guidance":
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return dict(signature=signature, constexprs=dict(consts), attrs=attrs)
+        if not stem.isupper() or stem in ("T", "S"):
+            return None
+        return "*fp32" if stem in ("SIGMA", "PARTIAL", "COEF", "GRAD") else f"*{dt}"
+    return kernel_signature(fn, consts, pointer)

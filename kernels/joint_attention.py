@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from motus_fast.kernels.compile_check import kernel_signature
+
 Tensor = torch.Tensor
 
 LOG2E = 1.4426950408889634                     # scores are pre-scaled by log2(e) so the softmax can use exp2
@@ -143,6 +145,19 @@ def _locate(pid, n0, n1, NUM_EXPERTS: tl.constexpr):
 
 
 @triton.jit
+def _tile(NB0, NB1, NB2, CU0, CU1, CU2, B, BLOCK: tl.constexpr, NUM_EXPERTS: tl.constexpr):
+    """The prologue of the attention kernels: program id 0 -> (expert e, sample b, first row of this program's
+    tile, start and length of sample b's segment of expert e). Expert e owns B * NB_e consecutive programs, NB_e
+    tiles of BLOCK rows per sample; CU_e are its int32 [B+1] boundaries."""
+    e, local = _locate(tl.program_id(0), B * NB0, B * NB1, NUM_EXPERTS)
+    nb = _pick(e, NB0, NB1, NB2, NUM_EXPERTS)
+    b = local // nb
+    cu = _pick(e, CU0, CU1, CU2, NUM_EXPERTS)
+    start = tl.load(cu + b)
+    return e, b, (local - b * nb) * BLOCK, start, tl.load(cu + b + 1) - start
+
+
+@triton.jit
 def _sees(e_q, e_k, VISIBLE: tl.constexpr, NUM_EXPERTS: tl.constexpr):
     """Runtime test of visibility bit (e_q, e_k)."""
     return ((tl.full([], VISIBLE, tl.int32) >> (e_q * NUM_EXPERTS + e_k)) & 1) != 0
@@ -209,15 +224,8 @@ def _fwd_kernel(
     NUM_EXPERTS: tl.constexpr, VISIBLE: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     h = tl.program_id(1)
-    e, local = _locate(pid, B * NB0, B * NB1, NUM_EXPERTS)
-    nb = _pick(e, NB0, NB1, NB2, NUM_EXPERTS)
-    b = local // nb
-    m0 = (local - b * nb) * BLOCK_M
-    cu_q = _pick(e, CUQ0, CUQ1, CUQ2, NUM_EXPERTS)
-    q_start = tl.load(cu_q + b)
-    q_len = tl.load(cu_q + b + 1) - q_start
+    e, b, m0, q_start, q_len = _tile(NB0, NB1, NB2, CUQ0, CUQ1, CUQ2, B, BLOCK_M, NUM_EXPERTS)
     if m0 >= q_len:
         return
 
@@ -334,15 +342,9 @@ def _dkdv_kernel(
     NUM_EXPERTS: tl.constexpr, VISIBLE: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     h = tl.program_id(1)
-    e, local = _locate(pid, B * NB0, B * NB1, NUM_EXPERTS)      # e: this program's key expert
-    nb = _pick(e, NB0, NB1, NB2, NUM_EXPERTS)
-    b = local // nb
-    n0 = (local - b * nb) * BLOCK_N
-    cu_k = _pick(e, CUK0, CUK1, CUK2, NUM_EXPERTS)
-    k_start = tl.load(cu_k + b)
-    k_len = tl.load(cu_k + b + 1) - k_start
+    # e: this program's key expert
+    e, b, n0, k_start, k_len = _tile(NB0, NB1, NB2, CUK0, CUK1, CUK2, B, BLOCK_N, NUM_EXPERTS)
     if n0 >= k_len:
         return
 
@@ -439,15 +441,8 @@ def _dq_kernel(
     NUM_EXPERTS: tl.constexpr, VISIBLE: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     h = tl.program_id(1)
-    e, local = _locate(pid, B * NB0, B * NB1, NUM_EXPERTS)
-    nb = _pick(e, NB0, NB1, NB2, NUM_EXPERTS)
-    b = local // nb
-    m0 = (local - b * nb) * BLOCK_M
-    cu_q = _pick(e, CUQ0, CUQ1, CUQ2, NUM_EXPERTS)
-    q_start = tl.load(cu_q + b)
-    q_len = tl.load(cu_q + b + 1) - q_start
+    e, b, m0, q_start, q_len = _tile(NB0, NB1, NB2, CUQ0, CUQ1, CUQ2, B, BLOCK_M, NUM_EXPERTS)
     if m0 >= q_len:
         return
 
@@ -552,34 +547,56 @@ def attention_forward(q: Sequence[Optional[Tensor]], k: Sequence[Tensor], v: Seq
     out/lse: optional preallocated buffers (tests pass NaN-filled ones to catch unwritten elements).
     Returns (out, lse): per expert [T_e, H, D] and fp32 [T_e, H] (natural log), None where q[e] is None.
     """
+    q, k, v = ([_unit_stride(t) for t in ts] for ts in (q, k, v))
+    launch = forward_launcher(q, k, v, cu_q, cu_k, max_q, visible_bits=visible_bits, softmax_scale=softmax_scale,
+                              causal=causal, config=config)
+    return launch(q, k, v, cu_q, cu_k, out, lse)
+
+
+def forward_launcher(q: Sequence[Optional[Tensor]], k: Sequence[Tensor], v: Sequence[Tensor],
+                     cu_q: Sequence[Tensor], cu_k: Sequence[Tensor], max_q: Sequence[int], *, visible_bits: int,
+                     softmax_scale: float, causal: bool = False, config: Optional[AttentionConfig] = None):
+    """What a forward launch needs from the inputs' signature (shapes, strides, dtype, bounds), computed once:
+    returns launch(q, k, v, cu_q, cu_k, out=None, lse=None) -> (out, lse) for any inputs of that signature (head
+    dim contiguous, as _unit_stride makes it)."""
     E = len(k)
+    if not 1 <= E <= MAX_EXPERTS:
+        raise ValueError(f"the Triton joint attention supports 1..{MAX_EXPERTS} experts, got {E}")
     T_any, H, D = k[0].shape
-    dtype = k[0].dtype
+    dtype, device = k[0].dtype, k[0].device
     config = config or default_config(D, dtype)
     if causal and E != 1:
         raise ValueError("causal attention is defined for a single expert only")
     B = cu_k[0].numel() - 1
     bm, bn = config.fwd.block_m, config.fwd.block_n
     has_q = [t is not None for t in q]
+    out_shapes = [None if t is None else t.shape for t in q]
     bits = effective_visibility(visible_bits, has_q)
-    if out is None:
-        out = [None if t is None else torch.empty(t.shape, dtype=dtype, device=t.device) for t in q]
-    if lse is None:
-        lse = [None if t is None else torch.empty(t.shape[:2], dtype=torch.float32, device=t.device) for t in q]
-    spare = torch.empty(0, dtype=torch.float32, device=k[0].device)
-    o_args = [out[e] if has_q[e] else k[e] for e in range(E)]
-    lse_args = [lse[e] if has_q[e] else spare for e in range(E)]
     nb = [triton.cdiv(max_q[e], bm) if has_q[e] else 0 for e in range(E)]
     grid = (B * sum(nb), H)
-    if grid[0] == 0 or H == 0:
+    q_ptrs = [q[e] if has_q[e] else k[e] for e in range(E)]
+    scalars = (*_token_head_strides(q_ptrs), *_token_head_strides(k), *_token_head_strides(v), *_padded(nb, 0),
+               B, H, softmax_scale * LOG2E)
+    consts = dict(NUM_EXPERTS=E, VISIBLE=bits, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, HEAD_D=D,
+                  PRECISION=_precision(dtype), num_warps=config.fwd.num_warps, num_stages=config.fwd.num_stages)
+    pad = [None] * (MAX_EXPERTS - E)
+
+    def launch(q, k, v, cu_q, cu_k, out=None, lse=None):
+        if out is None:
+            out = [None if s is None else torch.empty(s, dtype=dtype, device=device) for s in out_shapes]
+        if lse is None:
+            lse = [None if s is None else torch.empty(s[:2], dtype=torch.float32, device=device) for s in out_shapes]
+        if grid[0] == 0 or H == 0:
+            return out, lse
+        # experts without queries still need pointers of the right type in the q/out/lse slots; never read
+        spare = None if all(has_q) else torch.empty(0, dtype=torch.float32, device=device)
+        _fwd_kernel[grid](
+            *[q[e] if has_q[e] else k[e] for e in range(E)], *pad, *k, *pad, *v, *pad,
+            *[out[e] if has_q[e] else k[e] for e in range(E)], *pad,
+            *[lse[e] if has_q[e] else spare for e in range(E)], *pad, *cu_q, *pad, *cu_k, *pad,
+            *scalars, **consts)
         return out, lse
-    tensors, cus, strides = _common_args(q, k, v, cu_q, cu_k)
-    _fwd_kernel[grid](
-        *tensors, *_padded(o_args), *_padded(lse_args), *cus, *strides, *_padded(nb, 0),
-        B, H, softmax_scale * LOG2E,
-        NUM_EXPERTS=E, VISIBLE=bits, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, HEAD_D=D,
-        PRECISION=_precision(dtype), num_warps=config.fwd.num_warps, num_stages=config.fwd.num_stages)
-    return out, lse
+    return launch
 
 
 def attention_backward(do: Sequence[Optional[Tensor]], q: Sequence[Optional[Tensor]], k: Sequence[Tensor],
@@ -687,27 +704,16 @@ def compile_targets(dtypes=GPU_DTYPES, head_dims=(64, 128)):
 
 
 def _signature(fn, dt: str, num_experts: int, consts: dict) -> dict:
-    """signature / constexprs / attrs for ASTSource. Per-expert arguments end in the expert index; those of
-    experts >= num_experts are None (pointers) or unused ints."""
-    signature, constexprs, attrs = {}, dict(consts), {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            signature[name] = "constexpr"
-            continue
-        expert = int(name[-1]) if name[-1].isdigit() else None
+    """Per-expert arguments end in the expert index; pointers of experts >= num_experts are None (constexpr) and
+    their ints unused. Token / head strides of q, k, v carry the 16-divisibility hint."""
+    expert = lambda n: int(n[-1]) if n[-1].isdigit() else None                   # noqa: E731
+
+    def pointer(name):
         stem = name.rstrip("0123456789")
-        pointer = stem.isupper() and stem not in ("B", "H", "NB", "NT", "T")
-        if pointer and expert is not None and expert >= num_experts:
-            signature[name] = "constexpr"
-            constexprs[name] = None
-            continue
-        if pointer:
-            signature[name] = "*fp32" if stem in ("LSE", "DELTA") else "*i32" if stem.startswith("CU") else f"*{dt}"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("qk_scale", "softmax_scale"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            if name.startswith("s") and name[1] in "qkv" and (expert is None or expert < num_experts):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return dict(signature=signature, constexprs=constexprs, attrs=attrs)
+        if not stem.isupper() or stem in ("B", "H", "NB", "NT", "T"):
+            return None
+        return "*fp32" if stem in ("LSE", "DELTA") else "*i32" if stem.startswith("CU") else f"*{dt}"
+    used = lambda n: expert(n) is None or expert(n) < num_experts               # noqa: E731
+    return kernel_signature(fn, consts, pointer, is_float=lambda n: n in ("qk_scale", "softmax_scale"),
+                            aligned=lambda n: n.startswith("s") and n[1] in "qkv" and used(n),
+                            absent=lambda n: not used(n))

@@ -19,6 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from motus_fast.kernels.compile_check import kernel_signature
+
 
 @triton.jit
 def _rope(y, COS, SIN, r, seq_len, pairs, HEAD_DIM: tl.constexpr, WIDTH: tl.constexpr, INVERSE: tl.constexpr):
@@ -176,20 +178,18 @@ def _warps(tile: int) -> int:
     return 8 if tile >= 4096 else 4 if tile >= 1024 else 2 if tile >= 256 else 1
 
 
-def _slot_args(slot, dummy, backward: bool):
-    """Kernel arguments of one expert slot (None: an unused slot)."""
+def _slot_tensors(slot, dummy, backward: bool) -> list:
+    """Tensor arguments of one expert slot (None: an unused slot)."""
     if slot is None:
-        return [dummy] * (10 if backward else 8) + [0, 0, 1, 1.0, 1]
+        return [dummy] * (10 if backward else 8)
     cos, sin = slot["rope"] if slot["rope"] is not None else (dummy, dummy)
     has_q = slot["q"] is not None
     q = slot["q"] if has_q else slot["k"]                # keys-only expert: q arguments unused (HAS_Q False)
     wq = slot["wq"] if has_q else slot["wk"]
     if backward:
-        t = [q, slot["k"], slot["dqo"] if has_q else slot["dko"], slot["dko"], slot["dq"] if has_q else slot["dk"],
-             slot["dk"], wq, slot["wk"], cos, sin]
-    else:
-        t = [q, slot["k"], slot["qo"] if has_q else slot["ko"], slot["ko"], wq, slot["wk"], cos, sin]
-    return t + [slot["rows"], slot["stride"], slot["seq"], slot["eps"], slot["tpp"]]
+        return [q, slot["k"], slot["dqo"] if has_q else slot["dko"], slot["dko"], slot["dq"] if has_q else slot["dk"],
+                slot["dk"], wq, slot["wk"], cos, sin]
+    return [q, slot["k"], slot["qo"] if has_q else slot["ko"], slot["ko"], wq, slot["wk"], cos, sin]
 
 
 def plan(slots, width: int, max_programs: int, tile_elems: int) -> int:
@@ -204,35 +204,45 @@ def plan(slots, width: int, max_programs: int, tile_elems: int) -> int:
     return block_r
 
 
-def _launch(kernel, slots, width: int, head_dim: int, block_r: int, extra, backward: bool):
+def launcher(kernel, slots, width: int, head_dim: int, block_r: int, backward: bool):
+    """Grid, flags and integer arguments of a launch for slots of this layout (plan()ed), computed once: returns
+    launch(slots, *extra) for slots holding any tensors of the same layout."""
     if len(slots) > MAX_EXPERTS:
         raise ValueError(f"qk_norm_rope kernels take at most {MAX_EXPERTS} experts, got {len(slots)}")
     progs = [s["progs"] for s in slots]
     if sum(progs) == 0:
-        return
-    padded = list(slots) + [None] * (MAX_EXPERTS - len(slots))
-    args = []
-    for s in padded:
-        args += _slot_args(s, slots[0]["k"], backward)
-    start1 = progs[0]
-    start2 = start1 + (progs[1] if len(progs) > 1 else 0)
+        return lambda slots, *extra: None
+    n = len(slots)
+    ints = [(s["rows"], s["stride"], s["seq"], s["eps"], s["tpp"]) for s in slots] + [(0, 0, 1, 1.0, 1)] * (
+        MAX_EXPERTS - n)
+    starts = (progs[0], progs[0] + (progs[1] if n > 1 else 0))
     bp = block_pairs(width)
-    flags = {f"HAS_Q{i}": s is not None and s["q"] is not None for i, s in enumerate(padded)}
-    flags.update({f"ROPE{i}": s is not None and s["rope"] is not None for i, s in enumerate(padded)})
-    kernel[(sum(progs),)](*args, *extra, start1, start2, WIDTH=width, HEAD_DIM=head_dim, BLOCK_R=block_r,
-                          BLOCK_P=bp, NUM_EXPERTS=len(slots), num_warps=_warps(2 * bp * block_r), **flags)
+    padded = list(slots) + [None] * (MAX_EXPERTS - n)
+    consts = {f"HAS_Q{i}": s is not None and s["q"] is not None for i, s in enumerate(padded)}
+    consts.update({f"ROPE{i}": s is not None and s["rope"] is not None for i, s in enumerate(padded)})
+    consts.update(WIDTH=width, HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_P=bp, NUM_EXPERTS=n,
+                  num_warps=_warps(2 * bp * block_r))
+    grid = (sum(progs),)
+
+    def launch(slots, *extra):
+        args = []
+        for i in range(MAX_EXPERTS):
+            args += _slot_tensors(slots[i] if i < n else None, slots[0]["k"], backward)
+            args += ints[i]
+        kernel[grid](*args, *extra, *starts, **consts)
+    return launch
 
 
 def qk_norm_rope_forward(slots, width: int, head_dim: int, block_r: int):
     """slots (<= 3): per expert dict(q, k, qo, ko, wq, wk, rope, rows, stride, seq, eps) with plan()'s tpp/progs;
     q/qo/wq None for a keys-only expert. Row views [rows, width] with unit column stride."""
-    _launch(qk_norm_rope_fwd_kernel, slots, width, head_dim, block_r, (), backward=False)
+    launcher(qk_norm_rope_fwd_kernel, slots, width, head_dim, block_r, backward=False)(slots)
 
 
 def qk_norm_rope_backward(slots, dw_partial, width: int, head_dim: int, block_r: int):
     """slots: as for the forward plus dqo, dko (output grads) and dq, dk (contiguous input grads);
     dw_partial: fp32 [sum(progs), 2, width] (row q, row k of each program)."""
-    _launch(qk_norm_rope_bwd_kernel, slots, width, head_dim, block_r, (dw_partial,), backward=True)
+    launcher(qk_norm_rope_bwd_kernel, slots, width, head_dim, block_r, backward=True)(slots, dw_partial)
 
 
 # ---- sm_90 compile targets (tests/kernels/test_compile_fused.py) --------------------------------------------------
@@ -259,20 +269,12 @@ def compile_targets(dtypes=("bf16", "fp32"), widths=((3072, 128), (1536, 128))):
 
 
 def _signature(fn, dt: str, consts: dict) -> dict:
-    """ASTSource signature: tensors are pointers (rope tables fp64, weight partials fp32), eps fp32, the rest i32;
-    row strides carry the 16-divisibility of qkv chunks."""
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
+    """Tensors are pointers (rope tables fp64, weight partials fp32), eps fp32, the rest i32; row strides carry
+    the 16-divisibility of qkv chunks."""
+    def pointer(name):
         stem = name.rstrip("0123456789")
-        if name in consts:
-            signature[name] = "constexpr"
-        elif stem.isupper():
-            signature[name] = "*fp64" if stem in ("COS", "SIN") else "*fp32" if stem == "DW" else f"*{dt}"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif stem == "eps":
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            if stem == "stride":
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return dict(signature=signature, constexprs=dict(consts), attrs=attrs)
+        if not stem.isupper():
+            return None
+        return "*fp64" if stem in ("COS", "SIN") else "*fp32" if stem == "DW" else f"*{dt}"
+    return kernel_signature(fn, consts, pointer, is_float=lambda n: n.rstrip("0123456789") == "eps",
+                            aligned=lambda n: n.rstrip("0123456789") == "stride")

@@ -1,7 +1,9 @@
-"""The bench suite's host-overhead tool: it must stub every Triton launch while it times, and restore them after."""
+"""The bench suite's tools: the host-overhead tool must stub every Triton launch while it times and restore them
+after; the GPU session script must run every phase (its --dry-run, on the CPU)."""
 
 import json
 
+import pytest
 import torch
 
 from kernel_checks import DEVICE, interpreted
@@ -23,3 +25,41 @@ def test_host_overhead_stubs_launches_and_restores_them(tmp_path, triton_backend
     rows = json.loads(next(tmp_path.glob("host_overhead_*.json")).read_text())["rows"]
     assert len(rows) == 10 and {r["grad mode"] for r in rows} == {True, False}
     assert all(r["public op us"] > 0 and r["bare custom op us"] > 0 for r in rows)
+
+
+@pytest.mark.slow   # ~40 s on the 2-core CPU machine: five Python processes, each importing torch
+def test_gpu_session_dry_run_runs_every_phase(tmp_path):
+    """scripts/gpu_session.sh --dry-run: every phase at tiny size on the CPU, each phase's results in the tarball,
+    and the phase limits fit one 10-minute device call (<= 9 minutes)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    r = subprocess.run(["bash", "scripts/gpu_session.sh", "--dry-run"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    phases = re.findall(r"== (\w+): rc=(\d+) in \d+ s \(limit (\d+)\)", (tmp_path / "summary.txt").read_text())
+    assert [p for p, _, _ in phases] == ["env", "latency", "attention", "ops", "tests"]
+    assert all(rc == "0" for _, rc, _ in phases), phases
+    assert sum(int(limit) for _, _, limit in phases) <= 540
+    with tarfile.open(tmp_path / "results.tgz") as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    assert {"attention_table.json", "tests.xml"} <= names
+    assert any(n.startswith("latency_") for n in names) and any(n.startswith("ops_launches") for n in names)
+
+
+@interpreted
+def test_attention_profile_writes_a_trace_and_a_kernel_table(tmp_path):
+    from bench.attention import main
+
+    main(["--profile", "--shapes", "tiny", "--out-dir", str(tmp_path)])
+    events = json.loads((tmp_path / "attention_trace.json").read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert {"bench tiny triton", "bench tiny sdpa"} <= names          # one range per candidate
+    rows = json.loads(next(tmp_path.glob("attention_profile_*.json")).read_text())["rows"]
+    assert rows and all(r["total_ms"] > 0 and r["calls"] >= 1 for r in rows)

@@ -21,6 +21,7 @@ from motus_fast.model.rope import rope_tables
 from motus_fast.model.und import UndExpert, UndLayer
 from motus_fast.model.wan import VideoExpert, VideoLayer
 from motus_fast.ops import joint_attention, qk_norm_rope
+from motus_fast.ops.profiling import annotate
 
 Tensor = torch.Tensor
 
@@ -84,6 +85,7 @@ class MotusBlock(nn.Module):
         self.action = ActionLayer(cfg.action, cfg.num_heads, cfg.head_dim)
         self.und = UndLayer(cfg.und, cfg.num_heads, cfg.head_dim)
 
+    @annotate("MotusBlock")   # an NVTX range per layer when MOTUS_NVTX=1 (motus_fast/ops/profiling.py)
     def forward(self, x, a, u, *, e6_video, e6_action, rope, text, text_lens, cu_und, last: bool,
                 video_und_see_actions: bool = True, kv_out: Optional[list] = None):
         # x: [B, L_v, Dv]  a: [B, L_a, Da] or None  u: [T_u, Du] (packed) or None  e6_*: [B, 6, D] or [B, L_v, 6, Dv]

@@ -15,13 +15,16 @@ as ``torch.ops.motus_fast.*`` custom ops) and CUDA C++ (csrc/adaln.cu, forward o
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from motus_fast.backend import choose
-from motus_fast.ops.availability import cuda_ops_run_on, launch_budget, needs_grad, triton_runs_on
+from motus_fast.ops.availability import (PlanCache, cuda_ops_run_on, eager_call, launch_budget, needs_grad,
+                                         signature, triton_runs_on)
+from motus_fast.ops.profiling import annotate
 
 Tensor = torch.Tensor
 NORMS = ("layer", "rms")
@@ -53,40 +56,68 @@ def gated_residual_adaln_reference(x: Tensor, y: Tensor, gate: Optional[Tensor],
 
 
 # ---- public API ---------------------------------------------------------------------------------------------
+@annotate("motus_fast.layer_norm")
 def layer_norm(x: Tensor, eps: float) -> Tensor:
     """LayerNorm over the last dim without affine parameters (biased variance), statistics in fp32."""
     return adaln_modulate(x, None, None, eps)
 
 
+@annotate("motus_fast.adaln_modulate")
 def adaln_modulate(x: Tensor, shift: Optional[Tensor], scale: Optional[Tensor], eps: float,
                    norm: str = "layer") -> Tensor:
     """x: [B, L, D] (or [T, D] without modulation); shift/scale: [B|1, 1|L, D] or both None -> h like x."""
-    _check("adaln_modulate", x, None, None, shift, scale, norm)
-    backend = _backend("adaln_modulate", x, shift, scale)
-    if backend == "reference":
-        return adaln_modulate_reference(x, shift, scale, eps, norm)
-    x3 = x if x.dim() == 3 else x.unsqueeze(0)
-    if backend == "cuda":
-        h = torch.ops.motus_fast_cuda.adaln_modulate(x3, shift, scale, eps, norm == "rms")
-    else:
-        h = torch.ops.motus_fast.adaln_modulate(x3, shift, scale, eps, norm == "rms")
-    return h.view(x.shape)
+    return _call("adaln_modulate", x, None, None, shift, scale, eps, norm)[1]
 
 
+@annotate("motus_fast.gated_residual_adaln")
 def gated_residual_adaln(x: Tensor, y: Tensor, gate: Optional[Tensor], shift: Optional[Tensor],
                          scale: Optional[Tensor], eps: float, norm: str = "layer") -> tuple[Tensor, Tensor]:
     """x' = x + y * gate (gate None: x + y); h = N(x') * (1 + scale) + shift. x, y: [B, L, D] (or [T, D] without
     gate/modulation); gate/shift/scale: [B|1, 1|L, D] or None. Returns (x', h)."""
-    _check("gated_residual_adaln", x, y, gate, shift, scale, norm)
-    backend = _backend("gated_residual_adaln", x, y, gate, shift, scale)
+    return _call("gated_residual_adaln", x, y, gate, shift, scale, eps, norm)
+
+
+_PLANS = PlanCache()
+
+
+def _call(op, x, y, gate, shift, scale, eps, norm):
+    """Run `op` through the plan of this input signature (checks, backend choice and launch built once)."""
+    if not eager_call():
+        return _plan(op, x, y, gate, shift, scale, eps, norm)(x, y, gate, shift, scale)
+    key = (op, norm, eps, torch.is_grad_enabled(), os.environ.get("MOTUS_BACKEND"),
+           signature(x, y, gate, shift, scale))
+    run = _PLANS.get(key)
+    if run is None:
+        run = _PLANS.put(key, _plan(op, x, y, gate, shift, scale, eps, norm))
+    return run(x, y, gate, shift, scale)
+
+
+def _plan(op, x, y, gate, shift, scale, eps, norm):
+    """-> run(x, y, gate, shift, scale) -> (x' or None, h) for inputs of this signature."""
+    _check(op, x, y, gate, shift, scale, norm)
+    backend = _backend(op, x, y, gate, shift, scale)
     if backend == "reference":
-        return gated_residual_adaln_reference(x, y, gate, shift, scale, eps, norm)
-    x3, y3 = (x, y) if x.dim() == 3 else (x.unsqueeze(0), y.unsqueeze(0))
-    if backend == "cuda":
-        xr, h = torch.ops.motus_fast_cuda.gated_residual_adaln(x3, y3, gate, shift, scale, eps, norm == "rms")
-    else:
-        xr, h = torch.ops.motus_fast.gated_residual_adaln(x3, y3, gate, shift, scale, eps, norm == "rms")
-    return xr.view(x.shape), h.view(x.shape)
+        if y is None:
+            return lambda x, y, gate, shift, scale: (None, adaln_modulate_reference(x, shift, scale, eps, norm))
+        return lambda x, y, gate, shift, scale: gated_residual_adaln_reference(x, y, gate, shift, scale, eps, norm)
+    rms = norm == "rms"
+    if backend == "triton" and eager_call() and not needs_grad(x, y, gate, shift, scale):
+        flat_rows = x.dim() == 2
+        impl = _direct(x.unsqueeze(0) if flat_rows else x, y.unsqueeze(0) if flat_rows and y is not None else y,
+                       gate, shift, scale, eps, rms)
+    else:   # the custom ops: autograd, torch.compile, the CUDA extension
+        ops = torch.ops.motus_fast_cuda if backend == "cuda" else torch.ops.motus_fast
+        if y is None:
+            impl = lambda x, y, gate, shift, scale: (None, ops.adaln_modulate(x, shift, scale, eps, rms))  # noqa
+        else:
+            impl = lambda x, y, gate, shift, scale: ops.gated_residual_adaln(x, y, gate, shift, scale, eps, rms)  # noqa
+    if x.dim() == 3:
+        return impl
+
+    def flat(x, y, gate, shift, scale):   # [T, D] rows without modulation: one sample of T rows
+        xr, h = impl(x.unsqueeze(0), None if y is None else y.unsqueeze(0), gate, shift, scale)
+        return (None if xr is None else xr.view(x.shape)), h.view(x.shape)
+    return flat
 
 
 def _backend(op: str, x: Tensor, *tensors: Optional[Tensor]) -> str:
@@ -127,16 +158,46 @@ def _per_token(L: int, *mods: Optional[Tensor]) -> bool:
     return L > 1 and any(t is not None and t.shape[1] == L for t in mods)
 
 
-def _forward(x, y, gate, shift, scale, eps, rms):
-    from motus_fast.kernels.adaln import adaln_forward, plan
+_LAUNCHES = PlanCache()
 
+
+def _forward(x, y, gate, shift, scale, eps, rms):
     x, y, gate, shift, scale = map(_unit_last, (x, y, gate, shift, scale))
-    B, L, D = x.shape
+    key = (eps, rms, signature(x, y, gate, shift, scale))
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        launch = _LAUNCHES.put(key, _launcher(x, y, gate, shift, scale, eps, rms))
     h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    x_out = None if y is None else torch.empty_like(h)
-    adaln_forward(x, y, gate, shift, scale, eps, rms, x_out, h, _per_token(L, gate, shift, scale),
-                  plan(B, L, D, *launch_budget(x.device, reduction=False)))
+    x_out = None if y is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    launch(x, y, gate, shift, scale, x_out, h)
     return x_out, h
+
+
+def _direct(x, y, gate, shift, scale, eps, rms):
+    """Eager inference: allocate the outputs and launch, with no dispatcher in between (the custom ops would only
+    add autograd and tracing support, neither needed here)."""
+    if any(_unit_last(t) is not t for t in (x, y, gate, shift, scale)):
+        return lambda x, y, gate, shift, scale: _forward(x, y, gate, shift, scale, eps, rms)
+    launch = _launcher(x, y, gate, shift, scale, eps, rms)
+    shape, dtype, device, residual = x.shape, x.dtype, x.device, y is not None
+
+    def run(x, y, gate, shift, scale):
+        h = torch.empty(shape, dtype=dtype, device=device)
+        x_out = torch.empty(shape, dtype=dtype, device=device) if residual else None
+        launch(x, y, gate, shift, scale, x_out, h)
+        return x_out, h
+    return run
+
+
+def _launcher(x, y, gate, shift, scale, eps, rms):
+    from motus_fast.kernels.adaln import forward_launcher, plan, strides_of
+
+    B, L, D = x.shape
+    out = torch.empty(x.shape, device="meta")          # the outputs' strides: torch.empty is contiguous
+    strides = strides_of(L, x, y, gate, shift, scale, None if y is None else out, out)
+    return forward_launcher((B, L, D), strides, y is not None, gate is not None, shift is not None,
+                            _per_token(L, gate, shift, scale), rms, eps,
+                            plan(B, L, D, *launch_budget(x.device, reduction=False)))
 
 
 @torch.library.custom_op("motus_fast::adaln_modulate", mutates_args=())

@@ -74,7 +74,7 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape), x.new_empty(x.shape)
 
     @torch.library.register_fake(f"{lib}::euler_step")
-    def _(xs, vs, dt, conds, vs_uncond, guidance):
+    def _(xs, vs, dt, conds):
         return [x.new_empty(x.shape) for x in xs]
 
 
@@ -91,3 +91,31 @@ def launch_budget(device: torch.device, reduction: bool) -> tuple[int, int]:
 @torch.compiler.assume_constant_result
 def _sm_count() -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+# ---- per-signature launch plans ---------------------------------------------------------------------------------
+# At inference shapes a kernel runs for tens of microseconds, so the host work around it must be small: checks,
+# backend choice and launch arguments depend only on the inputs' signature (shapes, strides, dtypes, devices,
+# whether they need grad), so the ops compute them once per signature and keep the result here.
+def signature(*tensors: Optional[torch.Tensor]) -> tuple:
+    return tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for t in tensors])
+
+
+class PlanCache(dict):
+    """signature key -> plan; cleared when it reaches `size` entries (shapes that never repeat cannot grow it)."""
+
+    def __init__(self, size: int = 512):
+        super().__init__()
+        self.size = size
+
+    def put(self, key, plan):
+        if len(self) >= self.size:
+            self.clear()
+        self[key] = plan
+        return plan
+
+
+def eager_call() -> bool:
+    """A call outside torch.compile tracing: the ops may take their cached, dispatcher-free path. Under tracing they
+    go through the custom ops (fake implementations, autograd)."""
+    return not torch.compiler.is_compiling()

@@ -7,8 +7,7 @@
   elements); samples are weighted by ``sample_weight`` [B] (action-free samples weigh 0) and the loss is
   sum_b w_b mean_b / max(sum_b w_b, 1), which is the plain mean when no weight is given.
 - ``euler_step(xs, vs, dt, conds)``: x + dt v for every integrated stream (video and action) in one launch,
-  frames 0..Tc-1 of a stream re-clamped to its condition [B, C, Tc, H, W]; with ``vs_uncond`` and ``guidance``
-  the velocity is the classifier-free-guidance combination v_u + guidance (v - v_u).
+  frames 0..Tc-1 of a stream re-clamped to its condition [B, C, Tc, H, W].
 
 Latent layout: video [B, C, T, H, W] (frame axis 2); actions [B, K, A] (no frames: clean/skip frames must be 0).
 Faces: the reference below (the spec); Triton kernels (kernels/flow_step.py; masked_mse has a backward, the other
@@ -17,12 +16,15 @@ two act on data, not on parameters); CUDA C++ for euler_step (csrc/euler_step.cu
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
 
 from motus_fast.backend import choose
-from motus_fast.ops.availability import cuda_ops_run_on, launch_budget, needs_grad, triton_runs_on
+from motus_fast.ops.availability import (PlanCache, cuda_ops_run_on, eager_call, launch_budget, needs_grad,
+                                         signature, triton_runs_on)
+from motus_fast.ops.profiling import annotate
 
 Tensor = torch.Tensor
 
@@ -59,12 +61,9 @@ def masked_mse_reference(pred: Tensor, target: Tensor, sample_weight: Optional[T
 
 
 def euler_step_reference(xs: Sequence[Tensor], vs: Sequence[Tensor], dt: Tensor,
-                         conds: Optional[Sequence[Optional[Tensor]]] = None,
-                         vs_uncond: Optional[Sequence[Tensor]] = None, guidance: float = 1.0) -> list[Tensor]:
+                         conds: Optional[Sequence[Optional[Tensor]]] = None) -> list[Tensor]:
     out = []
     for i, (x, v) in enumerate(zip(xs, vs)):
-        if vs_uncond is not None:
-            v = vs_uncond[i] + guidance * (v - vs_uncond[i])
         step = dt.reshape(-1, *([1] * (x.dim() - 1))) if dt.dim() else dt
         x = x + v * step.to(x.dtype)
         cond = None if conds is None else conds[i]
@@ -73,6 +72,7 @@ def euler_step_reference(xs: Sequence[Tensor], vs: Sequence[Tensor], dt: Tensor,
 
 
 # ---- public API ---------------------------------------------------------------------------------------------
+@annotate("motus_fast.noise_and_target")
 def noise_and_target(x0: Tensor, noise: Tensor, sigma: Tensor, clean_frames: int = 0) -> tuple[Tensor, Tensor]:
     """x0, noise: [B, ...] (video [B, C, T, H, W]); sigma: [B] -> (x_t, v = noise - x0), both like x0."""
     _check_stream("noise_and_target", "x0", x0, clean_frames)
@@ -85,6 +85,7 @@ def noise_and_target(x0: Tensor, noise: Tensor, sigma: Tensor, clean_frames: int
     return x_t, v
 
 
+@annotate("motus_fast.masked_mse")
 def masked_mse(pred: Tensor, target: Tensor, sample_weight: Optional[Tensor] = None, skip_frames: int = 0) -> Tensor:
     """fp32 scalar flow loss of one stream (see the module docstring). pred, target: [B, ...]; weight: [B]."""
     _check_stream("masked_mse", "pred", pred, skip_frames)
@@ -99,22 +100,33 @@ def masked_mse(pred: Tensor, target: Tensor, sample_weight: Optional[Tensor] = N
     return torch.ops.motus_fast.masked_mse(pred, target, sample_weight, skip_frames)
 
 
+@annotate("motus_fast.euler_step")
 def euler_step(xs: Sequence[Tensor], vs: Sequence[Tensor], dt: Tensor,
-               conds: Optional[Sequence[Optional[Tensor]]] = None, vs_uncond: Optional[Sequence[Tensor]] = None,
-               guidance: float = 1.0) -> list[Tensor]:
+               conds: Optional[Sequence[Optional[Tensor]]] = None) -> list[Tensor]:
     """One Euler step of every stream: x + dt * v, condition frames re-clamped. xs[i], vs[i]: [B, ...];
-    dt: 0-dim or [B] tensor; conds[i]: [B, C, Tc, ...] or None; vs_uncond: CFG's unconditional velocities."""
-    if not xs or len(vs) != len(xs) or (conds is not None and len(conds) != len(xs)) or \
-            (vs_uncond is not None and len(vs_uncond) != len(xs)):
-        raise ValueError(f"euler_step needs one v (and cond / v_uncond, if given) per stream, got {len(xs)} xs, "
-                         f"{len(vs)} vs, {None if conds is None else len(conds)} conds, "
-                         f"{None if vs_uncond is None else len(vs_uncond)} vs_uncond")
+    dt: 0-dim or [B] tensor; conds[i]: [B, C, Tc, ...] or None."""
     conds = list(conds) if conds is not None else [None] * len(xs)
+    if not eager_call():
+        return _euler_plan(xs, vs, dt, conds)(xs, vs, dt, conds)
+    key = (len(xs), len(vs), len(conds), signature(*xs, *vs, *conds, dt), torch.is_grad_enabled(),
+           os.environ.get("MOTUS_BACKEND"))
+    run = _PLANS.get(key)
+    if run is None:
+        run = _PLANS.put(key, _euler_plan(xs, vs, dt, conds))
+    return run(xs, vs, dt, conds)
+
+
+_PLANS = PlanCache()
+
+
+def _euler_plan(xs, vs, dt, conds):
+    """-> run(xs, vs, dt, conds) for inputs of this signature: checks and backend choice once."""
+    if not xs or len(vs) != len(xs) or len(conds) != len(xs):
+        raise ValueError(f"euler_step needs one v (and cond, if given) per stream, got {len(xs)} xs, {len(vs)} vs, "
+                         f"{len(conds)} conds")
     for i, x in enumerate(xs):
         _check_stream("euler_step", f"xs[{i}]", x, 0)
         _check_like("euler_step", f"vs[{i}]", vs[i], x)
-        if vs_uncond is not None:
-            _check_like("euler_step", f"vs_uncond[{i}]", vs_uncond[i], x)
         c = conds[i]
         if c is not None and (x.dim() < 4 or c.dim() != x.dim() or c.shape[:2] != x.shape[:2]
                               or c.shape[3:] != x.shape[3:] or c.shape[2] > x.shape[2] or c.device != x.device):
@@ -128,10 +140,11 @@ def euler_step(xs: Sequence[Tensor], vs: Sequence[Tensor], dt: Tensor,
     backend = choose("euler_step", {"triton": triton_runs_on(dev) and not grad,
                                     "cuda": cuda_ops_run_on(dev) and not grad}, dev.type)
     if backend == "reference":
-        return euler_step_reference(xs, vs, dt, conds, vs_uncond, guidance)
-    uncond = list(vs_uncond) if vs_uncond is not None else []
+        return euler_step_reference
+    if backend == "triton" and eager_call() and all(t.is_contiguous() for t in (*xs, *vs, dt)):
+        return _euler_direct(xs, conds, dt)     # eager: no dispatcher, launch arguments computed once
     op = torch.ops.motus_fast_cuda.euler_step if backend == "cuda" else torch.ops.motus_fast.euler_step
-    return list(op(list(xs), list(vs), dt, conds, uncond, float(guidance)))
+    return lambda xs, vs, dt, conds: list(op(list(xs), list(vs), dt, conds))
 
 
 def _check_stream(op: str, name: str, x: Tensor, frames: int) -> None:
@@ -237,28 +250,32 @@ def _mse_grad(ctx, grad):
 _masked_mse_op.register_autograd(_mse_grad, setup_context=_mse_setup)
 
 
-@torch.library.custom_op("motus_fast::euler_step", mutates_args=())
-def _euler_step_op(xs: list[Tensor], vs: list[Tensor], dt: Tensor, conds: list[Optional[Tensor]],
-                   vs_uncond: list[Tensor], guidance: float) -> list[Tensor]:
+def _euler_direct(xs, conds, dt):
+    """launch per group of MAX_STREAMS streams, arguments computed once; -> run(xs, vs, dt, conds) (contiguous)."""
     from motus_fast.kernels import flow_step as K
 
-    dt = dt.contiguous()
-    outs = []
-    streams = []
-    for i, x in enumerate(xs):
-        x = x.contiguous()
-        out = torch.empty_like(x)
-        per_sample, T, S = _layout(x)
-        cond = None if conds[i] is None else conds[i].contiguous()
-        streams.append(dict(x=x, v=vs[i].contiguous(), v_uncond=vs_uncond[i].contiguous() if vs_uncond else None,
-                            cond=cond, out=out, per_sample=per_sample, T=T, S=S,
-                            Tc=0 if cond is None else cond.shape[2]))
-        outs.append(out)
-    for g in range(0, len(streams), K.MAX_STREAMS):
-        K.euler_step(streams[g:g + K.MAX_STREAMS], dt, 1 if dt.dim() else 0, guidance)
-    return outs
+    metas = [(x.shape[0], _layout(x), c is not None, 0 if c is None else c.shape[2]) for x, c in zip(xs, conds)]
+    groups = [(g, K.euler_launcher(metas[g:g + K.MAX_STREAMS], 1 if dt.dim() else 0))
+              for g in range(0, len(xs), K.MAX_STREAMS)]
+    like = [(x.shape, x.dtype, x.device) for x in xs]
+
+    def run(xs, vs, dt, conds):
+        conds = [None if c is None else c.contiguous() for c in conds]   # condition frames are often a slice
+        outs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in like]
+        for g, launch in groups:
+            end = g + K.MAX_STREAMS
+            launch(xs[g:end], vs[g:end], conds[g:end], outs[g:end], dt)
+        return outs
+    return run
+
+
+@torch.library.custom_op("motus_fast::euler_step", mutates_args=())
+def _euler_step_op(xs: list[Tensor], vs: list[Tensor], dt: Tensor, conds: list[Optional[Tensor]]) -> list[Tensor]:
+    xs, vs = [x.contiguous() for x in xs], [v.contiguous() for v in vs]
+    conds = [None if c is None else c.contiguous() for c in conds]
+    return _euler_direct(xs, conds, dt)(xs, vs, dt.contiguous(), conds)
 
 
 @_euler_step_op.register_fake
-def _(xs, vs, dt, conds, vs_uncond, guidance):
+def _(xs, vs, dt, conds):
     return [x.new_empty(x.shape) for x in xs]

@@ -26,14 +26,17 @@ bounds); device ones are the caller's promise, as in flash_attn_varlen_func.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from motus_fast.backend import choose
+from motus_fast.backend import choose, requested_backend
 from motus_fast.kernels import interpreting
-from motus_fast.ops.availability import triton_runs_on
+from motus_fast.ops import attention_dispatch
+from motus_fast.ops.availability import PlanCache, eager_call, needs_grad, signature, triton_runs_on
+from motus_fast.ops.profiling import annotate
 
 Tensor = torch.Tensor
 
@@ -42,6 +45,7 @@ TRITON_HEAD_DIMS = (64, 128)       # kernels/joint_attention.py HEAD_DIMS (impor
 
 
 # ---- public API -------------------------------------------------------------------------------------------------
+@annotate("motus_fast.joint_attention")
 def joint_attention(
     q: Sequence[Optional[Tensor]],
     k: Sequence[Tensor],
@@ -60,32 +64,82 @@ def joint_attention(
     Returns one [T_e, H, D] output per expert with a query (None where q[e] is None); with ``return_lse`` also the
     per-expert natural-log LSE, fp32 [T_e, H] (-inf for a query that sees no key; its output is 0).
     """
+    if eager_call() and max_seqlens is not None and not isinstance(visible, Tensor):
+        # the checks, backend choice and launch arguments depend only on this key: built once per signature
+        key = (signature(*q, *k, *v, *cu_seqlens), None if visible is None else tuple(map(tuple, visible)),
+               tuple(max_seqlens), softmax_scale, torch.is_grad_enabled(), os.environ.get("MOTUS_BACKEND"))
+        run = _PLANS.get(key)
+        if run is None:
+            run = _PLANS.put(key, _joint_plan(q, k, v, cu_seqlens, visible, softmax_scale, max_seqlens))
+        for e, c in enumerate(cu_seqlens):   # values, not signature: checked every call (free for device ones)
+            _check_boundaries(f"cu_seqlens[{e}]", c, k[e].shape[0], max_seqlens[e], f"max_seqlens[{e}]")
+    else:
+        run = _joint_plan(q, k, v, cu_seqlens, visible, softmax_scale, max_seqlens)
+    out, lse = run(q, k, v, cu_seqlens, return_lse)
+    return (out, lse) if return_lse else out
+
+
+_PLANS = PlanCache()
+
+
+def _joint_plan(q, k, v, cu_seqlens, visible, softmax_scale, max_seqlens):
+    """-> run(q, k, v, cu_seqlens, return_lse) -> (out, lse) per expert, for inputs of this signature."""
     check_joint_inputs(q, k, v, cu_seqlens, visible, max_seqlens)
     E, D = len(k), k[0].shape[-1]
     visible = visibility_rows(visible)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     backend = choose("joint_attention", {"triton": _triton_can_run(k[0], E), "cuda": False}, k[0].device.type)
-    if backend == "reference":
-        out, lse = joint_attention_reference(q, k, v, cu_seqlens, visible, scale, return_lse=return_lse)
-        return (out, lse) if return_lse else out
+    candidate = "triton"
+    if backend == "triton" and requested_backend() == "auto" and max_seqlens is not None:
+        candidate = attention_dispatch.select("joint_attention", k[0].device, k[0].dtype, visible, max_seqlens)
+    if backend == "reference" or candidate == "sdpa":
+        return lambda q, k, v, cu, return_lse: joint_attention_reference(q, k, v, cu, visible, scale, return_lse)
+    ours = _triton_plan(q, k, v, cu_seqlens, visible, scale, max_seqlens)
+    if candidate == "flash_attn" and all(t is not None for t in q):
+        bounds = list(max_seqlens)
+        return lambda q, k, v, cu, return_lse: (ours(q, k, v, cu, True) if return_lse else (
+            attention_dispatch.flash_attn_joint(q, k, v, cu, bounds, scale), [None] * E))
+    return ours
 
-    dev = k[0].device
-    cu = [c.to(device=dev, dtype=torch.int32) for c in cu_seqlens]
-    bounds = list(max_seqlens) if max_seqlens is not None else _max_lengths(cu)
-    from motus_fast.kernels.joint_attention import visibility_bits
+
+def _triton_plan(q, k, v, cu_seqlens, visible, scale, max_seqlens):
+    from motus_fast.kernels.joint_attention import forward_launcher, visibility_bits
+
+    E, dev = len(k), k[0].device
+    as_int32 = lambda cu: [c if c.dtype == torch.int32 and c.device == dev  # noqa: E731
+                           else c.to(device=dev, dtype=torch.int32) for c in cu]
     bits = visibility_bits(visible, E)
     q_experts = [e for e in range(E) if q[e] is not None]
-    res = torch.ops.motus_fast.attention_fwd(
-        [q[e] for e in q_experts], q_experts, list(k), list(v), cu, cu,
-        [bounds[e] if q[e] is not None else 0 for e in range(E)], bounds, bits, float(scale), False)
-    n = len(q_experts)
-    out: list[Optional[Tensor]] = [None] * E
-    lse: list[Optional[Tensor]] = [None] * E
-    for i, e in enumerate(q_experts):
-        out[e], lse[e] = res[i], res[n + i]
-    return (out, lse) if return_lse else out
+    direct = (eager_call() and max_seqlens is not None and not needs_grad(*q, *k, *v)
+              and all(t is None or t.stride(2) == 1 or t.numel() == 0 for t in (*q, *k, *v)))
+    if direct:   # eager inference: no dispatcher, launch arguments computed once
+        launch = forward_launcher(q, k, v, cu_seqlens, cu_seqlens, list(max_seqlens), visible_bits=bits,
+                                  softmax_scale=float(scale))
+
+        # the kernel always writes the LSE; a caller that does not want it gets no per-call buffer for it
+        scratch = [None if t is None else torch.empty(t.shape[:2], dtype=torch.float32, device=dev) for t in q]
+
+        def run(q, k, v, cu, return_lse):
+            cu = as_int32(cu)
+            return launch(q, k, v, cu, cu, lse=None if return_lse else scratch)
+        return run
+
+    def run(q, k, v, cu, return_lse):   # the custom op: autograd and torch.compile
+        cu = as_int32(cu)
+        bounds = list(max_seqlens) if max_seqlens is not None else _max_lengths(cu)
+        res = torch.ops.motus_fast.attention_fwd(
+            [q[e] for e in q_experts], q_experts, list(k), list(v), cu, cu,
+            [bounds[e] if q[e] is not None else 0 for e in range(E)], bounds, bits, float(scale), False)
+        n = len(q_experts)
+        out: list[Optional[Tensor]] = [None] * E
+        lse: list[Optional[Tensor]] = [None] * E
+        for i, e in enumerate(q_experts):
+            out[e], lse[e] = res[i], res[n + i]
+        return out, lse
+    return run
 
 
+@annotate("motus_fast.varlen_attention")
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
                      softmax_scale: Optional[float] = None, causal: bool = False, *, return_lse: bool = False):

@@ -15,13 +15,16 @@ forward + backward including the weight gradients. ``rms_norm`` (one row, no RoP
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 from motus_fast.backend import choose
-from motus_fast.ops.availability import launch_budget, triton_runs_on
+from motus_fast.ops.availability import (PlanCache, eager_call, launch_budget, needs_grad, signature,
+                                         triton_runs_on)
+from motus_fast.ops.profiling import annotate
 
 Tensor = torch.Tensor
 
@@ -66,26 +69,92 @@ def qk_norm_rope_reference(experts: Sequence[ExpertQK], num_heads: int) -> list[
 
 
 # ---- public API ---------------------------------------------------------------------------------------------
+@annotate("motus_fast.qk_norm_rope")
 def qk_norm_rope(experts: Sequence[ExpertQK], num_heads: int) -> list[tuple[Optional[Tensor], Tensor]]:
     """Normalise (and rotate) every expert's q and k in one launch. -> per expert (q, k), each [..., H, D]
     (q None where the expert gave none)."""
+    if not eager_call():
+        return _plan(experts, num_heads)(experts)
+    key = (num_heads, signature(*(t for e in experts for t in (e.q, e.k, e.weight_q, e.weight_k,
+                                                                 *(e.rope or (None, None))))),
+           tuple(e.eps for e in experts), torch.is_grad_enabled(), os.environ.get("MOTUS_BACKEND"))
+    run = _PLANS.get(key)
+    if run is None:
+        run = _PLANS.put(key, _plan(experts, num_heads))
+    return run(experts)
+
+
+_PLANS = PlanCache()
+
+
+def _plan(experts: Sequence[ExpertQK], num_heads: int):
+    """-> run(experts) for experts of this signature: checks, backend choice and launch arguments once."""
     _check(experts, num_heads)
     device = experts[0].k.device
     if choose("qk_norm_rope", {"triton": triton_runs_on(device), "cuda": False}, device.type) == "reference":
-        return qk_norm_rope_reference(experts, num_heads)
-    # a keys-only expert passes its k (and weight_k) in q's place with has_q False: the op's tensor lists hold no
-    # None, which would hide their tensors from autograd
-    flat = torch.ops.motus_fast.qk_norm_rope(
-        [e.k if e.q is None else e.q for e in experts], [e.k for e in experts],
-        [e.weight_k if e.q is None else e.weight_q for e in experts], [e.weight_k for e in experts],
-        [e.q is not None for e in experts], [None if e.rope is None else e.rope[0] for e in experts],
-        [None if e.rope is None else e.rope[1] for e in experts], [float(e.eps) for e in experts],
-        experts[0].k.shape[-1] // num_heads)
-    E = len(experts)
+        return lambda experts: qk_norm_rope_reference(experts, num_heads)
+    E, head_dim = len(experts), experts[0].k.shape[-1] // num_heads
     split = lambda t: t.unflatten(-1, (num_heads, -1))            # noqa: E731
-    return [(None if e.q is None else split(flat[i]), split(flat[E + i])) for i, e in enumerate(experts)]
+    tensors = [e.q for e in experts] + [e.k for e in experts]
+    if eager_call() and not needs_grad(*tensors, *(w for e in experts for w in (e.weight_q, e.weight_k))):
+        forward = _direct(experts, head_dim)
+        if forward is not None:   # eager inference: no dispatcher
+            return forward
+
+    def run(experts):
+        # a keys-only expert passes its k (and weight_k) in q's place with has_q False: the op's tensor lists hold
+        # no None, which would hide their tensors from autograd
+        flat = torch.ops.motus_fast.qk_norm_rope(*_op_args(experts), head_dim)
+        return [(None if e.q is None else split(flat[i]), split(flat[E + i])) for i, e in enumerate(experts)]
+    return run
 
 
+def _op_args(experts: Sequence[ExpertQK]) -> tuple:
+    return ([e.k if e.q is None else e.q for e in experts], [e.k for e in experts],
+            [e.weight_k if e.q is None else e.weight_q for e in experts], [e.weight_k for e in experts],
+            [e.q is not None for e in experts], [None if e.rope is None else e.rope[0] for e in experts],
+            [None if e.rope is None else e.rope[1] for e in experts], [float(e.eps) for e in experts])
+
+
+def _direct(experts: Sequence[ExpertQK], head_dim: int):
+    """-> forward(experts) -> [(q_out or None, k_out)], each [..., H, D], launch arguments computed once; None when
+    some input would need a copy (then the custom op path copies per call)."""
+    from motus_fast.kernels.qk_norm_rope import launcher, plan, qk_norm_rope_fwd_kernel
+
+    q, k, wq, wk, has_q, cos, sin, eps = _op_args(experts)
+    width = k[0].shape[-1]
+    slots = _slots(q, k, wq, wk, has_q, cos, sin, eps)
+    for s, e in zip(slots, experts):
+        views = [(s["k"], e.k)] + ([] if e.q is None else [(s["q"], e.q)]) + (
+            [] if e.rope is None else [(s["rope"][0], e.rope[0]), (s["rope"][1], e.rope[1])])
+        if any(r.data_ptr() != t.data_ptr() for r, t in views):
+            return None
+    groups = []
+    for g in range(0, len(slots), GROUP):
+        group = slots[g:g + GROUP]
+        block_r = plan(group, width, *launch_budget(k[0].device, reduction=False))
+        groups.append((g, launcher(qk_norm_rope_fwd_kernel, group, width, head_dim, block_r, backward=False)))
+    heads = (width // head_dim, head_dim)
+    outs = [(None if e.q is None else ((*e.q.shape[:-1], *heads), _out_dtype(e.q, e.weight_q)),
+             ((*e.k.shape[:-1], *heads), _out_dtype(e.k, e.weight_k))) for e in experts]
+    device = k[0].device
+
+    def forward(experts):
+        # the kernels take base pointers and the row strides fixed in the plan, so the tensors go in as they are:
+        # inputs [..., W] (the plan checked they are their own row views), outputs allocated as [..., H, D]
+        results, run_slots = [], []
+        for e, (q_like, k_like) in zip(experts, outs):
+            qo = None if q_like is None else torch.empty(q_like[0], dtype=q_like[1], device=device)
+            ko = torch.empty(k_like[0], dtype=k_like[1], device=device)
+            results.append((qo, ko))
+            run_slots.append(dict(q=e.q, k=e.k, qo=qo, ko=ko, wq=e.weight_q, wk=e.weight_k, rope=e.rope))
+        for g, launch in groups:
+            launch(run_slots[g:g + GROUP])
+        return results
+    return forward
+
+
+@annotate("motus_fast.rms_norm")
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """x * rsqrt(mean(x^2) + eps) * w over the last dim, fp32 statistics; x: [..., W], weight: [W]."""
     _check([ExpertQK(None, x, None, weight, eps)], 1)

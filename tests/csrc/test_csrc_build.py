@@ -32,8 +32,7 @@ SCHEMAS = {
                       "bool rms) -> Tensor",
     "gated_residual_adaln": "motus_fast_cuda::gated_residual_adaln(Tensor x, Tensor y, Tensor? gate, Tensor? shift, "
                             "Tensor? scale, float eps, bool rms) -> (Tensor, Tensor)",
-    "euler_step": "motus_fast_cuda::euler_step(Tensor[] xs, Tensor[] vs, Tensor dt, Tensor?[] conds, "
-                  "Tensor[] vs_uncond, float guidance) -> Tensor[]",
+    "euler_step": "motus_fast_cuda::euler_step(Tensor[] xs, Tensor[] vs, Tensor dt, Tensor?[] conds) -> Tensor[]",
 }
 
 
@@ -172,22 +171,21 @@ def test_adaln_ops_match_reference(cuda_ops, dtype, B, L, D, mod, pad, rms):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("cfg", [False, True])
 @pytest.mark.parametrize("per_sample_dt", [False, True])
-def test_euler_step_matches_reference(cuda_ops, dtype, cfg, per_sample_dt):
+def test_euler_step_matches_reference(cuda_ops, dtype, per_sample_dt):
     from motus_fast.ops.flow_step import euler_step_reference
 
-    g = torch.Generator().manual_seed(cfg + 2 * per_sample_dt)
+    g = torch.Generator().manual_seed(2 * per_sample_dt)
     shapes = [(2, 48, 3, 24, 20), (2, 16, 14), (2, 5, 3, 7, 3)]   # video, actions, an odd video (second launch)
-    xs, vs, vus = ([torch.randn(s, generator=g, dtype=torch.float64) for s in shapes] for _ in range(3))
+    xs, vs = ([torch.randn(s, generator=g, dtype=torch.float64) for s in shapes] for _ in range(2))
     conds = [torch.randn(2, 48, 1, 24, 20, generator=g, dtype=torch.float64), None,
              torch.randn(2, 5, 2, 7, 3, generator=g, dtype=torch.float64)]
     dt = -torch.rand(2 if per_sample_dt else (), generator=g, dtype=torch.float64)
     to = lambda ts: [None if t is None else t.to("cuda", dtype) for t in ts]  # noqa: E731
-    got = cuda_ops.euler_step(to(xs), to(vs), dt.to("cuda", dtype), to(conds), to(vus) if cfg else [], 1.7)
+    got = cuda_ops.euler_step(to(xs), to(vs), dt.to("cuda", dtype), to(conds))
     dt_q = dt.to(dtype).double()
-    want = euler_step_reference(xs, vs, dt_q, conds, vus if cfg else None, 1.7)
-    same = euler_step_reference(to(xs), to(vs), dt.to("cuda", dtype), to(conds), to(vus) if cfg else None, 1.7)
+    want = euler_step_reference(xs, vs, dt_q, conds)
+    same = euler_step_reference(to(xs), to(vs), dt.to("cuda", dtype), to(conds))
     for i in range(3):
         assert_fa_rule(f"stream {i}", got[i], want[i], same[i], 2)
         if conds[i] is not None:
@@ -202,7 +200,7 @@ def test_ops_capture_in_a_cuda_graph(cuda_ops):
     lat, v = (torch.randn(1, 48, 3, 24, 20, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     dt = torch.tensor(-0.1, device="cuda", dtype=torch.bfloat16)
     run = lambda: (cuda_ops.gated_residual_adaln(x, x, m[:, :, 2], m[:, :, 0], m[:, :, 1], 1e-6, False),  # noqa
-                   cuda_ops.euler_step([lat], [v], dt, [lat[:, :, :1]], [], 1.0))
+                   cuda_ops.euler_step([lat], [v], dt, [lat[:, :, :1]]))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

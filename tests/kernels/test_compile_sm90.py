@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 
 SMEM_LIMIT = 227 * 1024
 SHARDS = 2          # compiles are single-threaded: one process per core
+VECTORISED = ("adaln",)
 
 COMPILE_SHARD = r"""
 import importlib, json, sys
@@ -54,3 +55,6 @@ def test_every_configuration_compiles_for_sm90_without_spills(module, capsys):
     assert not spilled, "register spills:\n" + "\n".join(spilled)
     too_big = [r["name"] for r in reports if r["shared_mem_bytes"] > SMEM_LIMIT]
     assert not too_big, f"shared memory above {SMEM_LIMIT} B: {too_big}"
+    if module in VECTORISED:   # bandwidth-bound rows: 16-byte global loads and stores, or they miss the roofline
+        scalar = [line for r, line in zip(reports, lines) if not (r["vector_loads"] and r["vector_stores"])]
+        assert not scalar, "no 16-byte global loads/stores:\n" + "\n".join(scalar)

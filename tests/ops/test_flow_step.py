@@ -76,35 +76,33 @@ def test_masked_mse_all_samples_action_free_is_zero(triton_backend):
     assert masked_mse(pred, target, none).item() == 0.0 == masked_mse_reference(pred, target, none).item()
 
 
-def draw_streams(g, shapes, cond_frames, dtype, cfg):
+def draw_streams(g, shapes, cond_frames, dtype):
     xs = [rand(g, *s) for s in shapes]
     vs = [rand(g, *s) for s in shapes]
     conds = [None if c == 0 else rand(g, s[0], s[1], c, *s[3:]) for s, c in zip(shapes, cond_frames)]
-    vus = [rand(g, *s) for s in shapes] if cfg else None
-    return xs, vs, conds, vus
+    return xs, vs, conds
 
 
 @interpreted
 @pytest.mark.parametrize("case", [
-    # (stream shapes, condition frames per stream, dt per sample?, CFG?)
-    ([(2, 5, 3, 7, 3), (2, 16, 14)], [1, 0], False, False),     # joint: video + actions
-    ([(1, 48, 3, 12, 8)], [1], True, False),                    # world_model / video: video alone
-    ([(3, 5, 7)], [0], True, True),                             # vla / idm: actions alone, with CFG
-    ([(2, 4, 5, 3, 3), (2, 6, 4)], [2, 0], False, True),        # two condition frames, CFG on both
-    ([(2, 3, 2, 2, 2), (2, 5, 4), (2, 4, 3)], [1, 0, 0], False, False),   # three streams: two launches
+    # (stream shapes, condition frames per stream, dt per sample?)
+    ([(2, 5, 3, 7, 3), (2, 16, 14)], [1, 0], False),     # joint: video + actions
+    ([(1, 48, 3, 12, 8)], [1], True),                    # world_model / video: video alone
+    ([(3, 5, 7)], [0], True),                            # vla / idm: actions alone
+    ([(2, 4, 5, 3, 3), (2, 6, 4)], [2, 0], False),       # two condition frames
+    ([(2, 3, 2, 2, 2), (2, 5, 4), (2, 4, 3)], [1, 0, 0], False),   # three streams: two launches
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_euler_step_matches_reference(triton_backend, poisoned_outputs, case, dtype):
-    shapes, cond_frames, per_sample_dt, cfg = case
-    g = torch.Generator().manual_seed(len(shapes) + 10 * sum(cond_frames) + cfg)
-    xs, vs, conds, vus = draw_streams(g, shapes, cond_frames, dtype, cfg)
+    shapes, cond_frames, per_sample_dt = case
+    g = torch.Generator().manual_seed(len(shapes) + 10 * sum(cond_frames))
+    xs, vs, conds = draw_streams(g, shapes, cond_frames, dtype)
     B = shapes[0][0]
     dt64 = -torch.rand(B if per_sample_dt else (), generator=g, dtype=torch.float64)
-    guidance = 2.5 if cfg else 1.0
 
     def call(fn, dt_, device):
         cast = lambda ts: None if ts is None else [None if t is None else t.to(device, dt_) for t in ts]  # noqa: E731
-        return fn(cast(xs), cast(vs), dt64.to(device, dt_), cast(conds), cast(vus), guidance)
+        return fn(cast(xs), cast(vs), dt64.to(device, dt_), cast(conds))
     got = call(euler_step, dtype, DEVICE)
     want = call(euler_step_reference, torch.float64, "cpu")
     same = call(euler_step_reference, dtype, "cpu")
@@ -127,7 +125,7 @@ def test_video_and_action_streams_share_one_launch(triton_backend, monkeypatch):
             return kernel[grid]
     monkeypatch.setattr(K, "euler_step_kernel", Counting())
     g = torch.Generator().manual_seed(0)
-    xs, vs, conds, _ = draw_streams(g, [(2, 5, 3, 7, 3), (2, 16, 14)], [1, 0], torch.float32, False)
+    xs, vs, conds = draw_streams(g, [(2, 5, 3, 7, 3), (2, 16, 14)], [1, 0], torch.float32)
     f32 = lambda ts: [None if t is None else t.to(DEVICE, torch.float32) for t in ts]  # noqa: E731
     euler_step(f32(xs), f32(vs), torch.tensor(-0.1, device=DEVICE), f32(conds))
     assert len(launches) == 1
@@ -170,7 +168,7 @@ def test_bf16_euler_step_on_gpu(monkeypatch, backend):
         pytest.skip("the CUDA C++ extension is not built (tests/csrc/test_csrc_build.py builds and tests it)")
     monkeypatch.setenv("MOTUS_BACKEND", backend)
     g = torch.Generator().manual_seed(0)
-    xs, vs, conds, _ = draw_streams(g, [(1, 48, 3, 24, 20), (1, 16, 14)], [1, 0], torch.bfloat16, False)
+    xs, vs, conds = draw_streams(g, [(1, 48, 3, 24, 20), (1, 16, 14)], [1, 0], torch.bfloat16)
     cast = lambda ts, dt_, dev: [None if t is None else t.to(dev, dt_) for t in ts]  # noqa: E731
     dt = torch.tensor(-0.1)
     got = euler_step(cast(xs, torch.bfloat16, "cuda"), cast(vs, torch.bfloat16, "cuda"),
