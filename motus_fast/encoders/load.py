@@ -16,12 +16,13 @@ from typing import Mapping, Optional
 
 import torch
 
-from motus_fast.encoders.files import component_dir, is_torch_file, parameter_count, read_json
+from motus_fast.encoders.files import is_torch_file, parameter_count, read_json
 from motus_fast.encoders.frozen import FrozenEncoders
 from motus_fast.encoders.qwen3_vl import Qwen3VLFeatures, load_qwen3_vl, load_qwen3_vl_prompt, qwen3_vl_folder
 from motus_fast.encoders.umt5 import (ORIGINAL_T5_FILE, HFTokenize, UMT5TextEncoder, load_umt5, original_t5_config,
-                                      resolve_umt5_path, umt5_tokenizer_dir)
-from motus_fast.encoders.wan_vae import ORIGINAL_VAE_FILE, WanVAE, load_wan_vae, original_vae_config, resolve_vae_path
+                                      resolve_umt5_path, umt5_folder, umt5_tokenizer_dir)
+from motus_fast.encoders.wan_vae import (ORIGINAL_VAE_FILE, WanVAE, load_wan_vae, original_vae_config,
+                                         resolve_vae_path, vae_folder)
 from motus_fast.weights.mapping import CheckpointError
 from motus_fast.weights.sources import open_weights
 
@@ -95,42 +96,35 @@ def _stored(src) -> tuple[int, str]:
     return parameter_count(src.shape(k) for k in keys), "/".join(dtypes)
 
 
+def _describe(path: Path, what: str, original_sizes, folder_of, prefer: str) -> dict:
+    """{path, layout, params, stored dtype, sizes}: a release ``.pth`` (sizes read from its shapes by
+    `original_sizes`) or a library folder (`folder_of` -> (folder, config))."""
+    if is_torch_file(path):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: not found ({what})")
+        with open_weights(path) as src:
+            sizes = original_sizes(src, str(path))
+            n, dt = _stored(src)
+        return {"path": str(path), "layout": "original .pth", "params": n, "dtype": dt, **sizes}
+    folder, cfg = folder_of(path)
+    with open_weights(folder, prefer=(prefer,)) as src:
+        n, dt = _stored(src)
+    layout = "diffusers" if prefer == "diffusion_pytorch_model" else "transformers"
+    return {"path": str(folder), "layout": layout, "params": n, "dtype": dt, **original_sizes(cfg, None)}
+
+
 def describe_vae(path: Path) -> dict:
     """{path, layout, params, stored dtype, z_dim}; raises CheckpointError naming the problem."""
-    p = resolve_vae_path(path)
-    if is_torch_file(p):
-        if not p.is_file():
-            raise CheckpointError(f"{p}: not found (the Wan2.2 VAE)")
-        with open_weights(p) as src:
-            cfg = original_vae_config(src, str(p))
-            n, dt = _stored(src)
-        return {"path": str(p), "layout": "original .pth", "params": n, "dtype": dt, "z_dim": cfg["z_dim"]}
-    folder = component_dir(p, "the Wan VAE", "vae")
-    cfg = read_json(folder / "config.json")
-    if cfg.get("_class_name") != "AutoencoderKLWan":
-        raise CheckpointError(f"{folder / 'config.json'}: _class_name {cfg.get('_class_name')!r} is not "
-                              "'AutoencoderKLWan'")
-    with open_weights(folder, prefer=("diffusion_pytorch_model",)) as src:
-        n, dt = _stored(src)
-    return {"path": str(folder), "layout": "diffusers", "params": n, "dtype": dt, "z_dim": int(cfg["z_dim"])}
+    def sizes(src, name):
+        return {"z_dim": int(src["z_dim"] if name is None else original_vae_config(src, name)["z_dim"])}
+    return _describe(resolve_vae_path(path), "the Wan2.2 VAE", sizes, vae_folder, "diffusion_pytorch_model")
 
 
 def describe_umt5(path: Path) -> dict:
-    p = resolve_umt5_path(path)
-    if is_torch_file(p):
-        if not p.is_file():
-            raise CheckpointError(f"{p}: not found (the umT5 encoder)")
-        with open_weights(p) as src:
-            cfg = original_t5_config(src, str(p))
-            n, dt = _stored(src)
-        return {"path": str(p), "layout": "original .pth", "params": n, "dtype": dt, "d_model": cfg.d_model}
-    folder = component_dir(p, "the umT5 encoder", "text_encoder")
-    cfg = read_json(folder / "config.json")
-    if cfg.get("model_type") not in ("umt5", "t5"):
-        raise CheckpointError(f"{folder / 'config.json'}: model_type {cfg.get('model_type')!r} is not 'umt5'")
-    with open_weights(folder, prefer=("model",)) as src:
-        n, dt = _stored(src)
-    return {"path": str(folder), "layout": "transformers", "params": n, "dtype": dt, "d_model": int(cfg["d_model"])}
+    """{path, layout, params, stored dtype, d_model}; raises CheckpointError naming the problem."""
+    def sizes(src, name):
+        return {"d_model": int(src["d_model"] if name is None else original_t5_config(src, name).d_model)}
+    return _describe(resolve_umt5_path(path), "the umT5 encoder", sizes, umt5_folder, "model")
 
 
 def describe_qwen3_vl(path: str | Path, with_weights: bool = True) -> dict:

@@ -39,6 +39,15 @@ def resolve_umt5_path(path: str | Path) -> Path:
     return p
 
 
+def umt5_folder(path: Path) -> tuple[Path, dict]:
+    """A transformers umT5 folder and its config, checked to be a (u)T5 encoder."""
+    folder = component_dir(path, "the umT5 encoder", "text_encoder")
+    cfg = read_json(folder / "config.json")
+    if cfg.get("model_type") not in ("umt5", "t5"):
+        raise CheckpointError(f"{folder / 'config.json'}: model_type {cfg.get('model_type')!r} is not 'umt5'")
+    return folder, cfg
+
+
 def load_umt5(path: str | Path, dtype: torch.dtype = torch.bfloat16, device=None, progress: bool = True):
     """The umT5 encoder as transformers ``UMT5EncoderModel``: frozen, eval, `dtype`, from either layout."""
     from transformers import UMT5EncoderModel
@@ -49,10 +58,7 @@ def load_umt5(path: str | Path, dtype: torch.dtype = torch.bfloat16, device=None
             raise CheckpointError(f"{p}: no such file")
         model = _load_wan_t5(p, dtype, progress)
     else:
-        folder = component_dir(p, "the umT5 encoder", "text_encoder")
-        model_type = read_json(folder / "config.json").get("model_type")
-        if model_type not in ("umt5", "t5"):
-            raise CheckpointError(f"{folder / 'config.json'}: model_type {model_type!r} is not 'umt5'")
+        folder, _ = umt5_folder(p)
         model = transformers_load(UMT5EncoderModel, folder, dtype, "umT5 encoder")
     return model if device is None else model.to(device)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -117,6 +116,16 @@ def resolve_vae_path(path: str | Path) -> Path:
     return p
 
 
+def vae_folder(path: Path) -> tuple[Path, dict]:
+    """A diffusers VAE folder and its config, checked to be an ``AutoencoderKLWan``."""
+    folder = component_dir(path, "the Wan VAE", "vae")
+    cfg = read_json(folder / "config.json")
+    if cfg.get("_class_name") != "AutoencoderKLWan":
+        raise CheckpointError(f"{folder / 'config.json'}: _class_name {cfg.get('_class_name')!r} is not "
+                              "'AutoencoderKLWan'")
+    return folder, cfg
+
+
 def load_wan_vae(path: str | Path, dtype: torch.dtype = torch.float32, device=None, progress: bool = True):
     """The Wan2.2 VAE as diffusers ``AutoencoderKLWan`` (raw: no latent normalisation), frozen, eval, `dtype`, from
     the release's ``Wan2.2_VAE.pth`` or a diffusers folder (see ``resolve_vae_path``)."""
@@ -135,11 +144,7 @@ def load_wan_vae(path: str | Path, dtype: torch.dtype = torch.float32, device=No
             tensors = convert(src, rules, expected, None, dtype, progress="vae" if progress else None,
                               header=f"{p}: Wan2.2 VAE checkpoint does not match the sizes read from it:")
     else:
-        folder = component_dir(p, "the Wan VAE", "vae")
-        cfg = read_json(folder / "config.json")
-        if cfg.get("_class_name") != "AutoencoderKLWan":
-            raise CheckpointError(f"{folder / 'config.json'}: _class_name {cfg.get('_class_name')!r} is not "
-                                  "'AutoencoderKLWan'")
+        folder, cfg = vae_folder(p)
         with torch.device("meta"):
             vae = AutoencoderKLWan.from_config(cfg)
         expected = {k: v.shape for k, v in vae.state_dict().items()}
