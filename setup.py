@@ -48,6 +48,9 @@ setup(
         "serve": ["websockets>=13", "msgpack>=1.0"],
         # latent actions from optical flow: DIS flow, DC-AE, mp4 input (motus_fast.latent_action)
         "latent": ["opencv-python-headless>=4.8", "diffusers>=0.42", "av>=14"],
+        # Meta-World for the demo and experiments (motus_fast.envs). Pinned exactly: MuJoCo 4.0 changes the
+        # simulation, so the demo's and the experiments' success counts are only comparable on these versions.
+        "sim": ["mujoco==3.3.0", "metaworld==3.1.1", "gymnasium==1.4.0"],
     },
     entry_points={"console_scripts": ["motus-fast=motus_fast.cli:main"]},
     **cuda_extension(),

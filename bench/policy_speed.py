@@ -171,7 +171,8 @@ def small_model(checkpoint: Optional[str], blind: bool, seed: int = 0):
         return model
     # the demo's architecture (tiny preset sized for Meta-World), random weights with non-zero heads
     from motus_fast.demo import DemoConfig
-    cfg = get_preset("tiny").override(dict(DemoConfig().model_overrides(), video_und_see_actions=not blind))
+    from motus_fast.experiments.toy import model_overrides
+    cfg = get_preset("tiny").override(dict(model_overrides(DemoConfig().sample_steps), video_und_see_actions=not blind))
     torch.manual_seed(seed)
     model = Motus(cfg).eval()
     for head in (model.video.head, model.action.head):
@@ -199,7 +200,7 @@ def demo_inputs(checkpoint: str, requests: int, seed: int = 1):
     one frame every few steps, through the checkpoint's encoders and state normalisation, as the server does."""
     from pathlib import Path
 
-    from motus_fast.data.metaworld import RenderSettings, generate_demonstrations
+    from motus_fast.envs.metaworld import RenderSettings, generate_demonstrations
     from motus_fast.data.norm import normalize, stats_from_json
     from motus_fast.encoders import PatchPCAEncoders
     from motus_fast.weights.native import load_model

@@ -18,7 +18,7 @@ from motus_fast.config import add_config_args, config_from_args
 # modules that add sub-commands (each has register(subparsers))
 COMMAND_MODULES: list[str] = ["motus_fast.demo", "motus_fast.train.cli", "motus_fast.weights.assemble",
                               "motus_fast.eval", "motus_fast.serve.cli", "motus_fast.data.cli",
-                              "motus_fast.latent_action.cli"]
+                              "motus_fast.latent_action.cli", "motus_fast.experiments.ablations"]
 
 
 def cmd_convert(args) -> None:

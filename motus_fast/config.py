@@ -82,6 +82,13 @@ class FlowConfig:
     sample_shift: float = 1.0       # upstream samples on an unshifted linear grid
     video_loss_weight: float = 1.0
     action_loss_weight: float = 1.0
+    # "independent" (UniDiffuser, Motus): video and action timesteps drawn separately, which trains every mode;
+    # "shared": one timestep for both streams (the paper's "joint diffuser" ablation), which trains `joint` only.
+    timesteps: Literal["independent", "shared"] = "independent"
+
+    def __post_init__(self):
+        if self.timesteps not in ("independent", "shared"):
+            raise ValueError(f"flow.timesteps must be 'independent' or 'shared', got {self.timesteps!r}")
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,9 @@ class MotusConfig:
     # do not attend to action keys, so those streams do not depend on the actions and, in `vla` and `idm`, the
     # sampler runs them once per request and only the action expert per step (exact for a model trained so).
     video_und_see_actions: bool = True
+    # False: the understanding expert takes no part (conditioning's vlm is ignored, its parameters are frozen and
+    # unused): the "without the und stream" ablation of the paper's findings (motus_fast.experiments.ablations).
+    und_stream: bool = True
 
     def __post_init__(self):
         v = self.video

@@ -28,7 +28,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -56,11 +55,6 @@ class DemoConfig:
     threads: int = 1                     # the tiny model's ops are too small to split: on 2 cores, 2 threads trained
                                          # at 4.7 steps/s, 1 thread at 8.4 (the server subprocess takes the other core)
 
-    def model_overrides(self) -> dict:
-        """The tiny preset, sized for Meta-World: 4-D actions, 21-D state, 16-action chunks, room for prompts."""
-        return {"action.action_dim": 4, "action.state_dim": 21, "action.chunk_size": 16, "video.text_len": 48,
-                "flow.sample_steps": self.sample_steps}
-
 
 QUICK = DemoConfig(tasks=("reach-v3",), episodes_per_task=20, train_steps=600, baseline_steps=300, lr=1e-3,
                    eval_episodes=10, imagination_episodes=1)
@@ -69,7 +63,7 @@ QUICK = DemoConfig(tasks=("reach-v3",), episodes_per_task=20, train_steps=600, b
 # ---- the pipeline ----------------------------------------------------------------------------------------------
 def run_demo(out: str | Path = "runs/demo", cfg: DemoConfig = DemoConfig()) -> dict:
     """Run the demo into `out` and return the report dict (also written as report.json)."""
-    from motus_fast.data.metaworld import RenderSettings
+    from motus_fast.envs.metaworld import RenderSettings
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,49 +119,25 @@ def _say(msg: str) -> None:
 
 
 def _demonstrations(out: Path, cfg: DemoConfig, render):
-    from motus_fast.data.metaworld import generate_demonstrations, write_lerobot_dataset
+    from motus_fast.experiments.toy import record_demonstrations
 
     root = out / "data" / "metaworld"
-    eps = generate_demonstrations(cfg.tasks, cfg.episodes_per_task, seed=cfg.seed, render=render)
-    return root, write_lerobot_dataset(eps, root, overwrite=True)
+    return root, record_demonstrations(root, cfg.tasks, cfg.episodes_per_task, cfg.seed, render)
 
 
 def _training_windows(data_root: Path, cfg: DemoConfig):
     """Read the LeRobot dataset back through our loader and encode every window once (the encoders are frozen)."""
-    from tqdm.auto import tqdm
-
-    from motus_fast.config import get_preset
-    from motus_fast.data import DataConfig, DatasetSpec, WindowSpec
-    from motus_fast.data.dataset import MotusDataset, compute_dataset_stats
     from motus_fast.data.norm import stats_to_json
-    from motus_fast.flow import FlowBatch
     from motus_fast.encoders import PatchPCAEncoders
-    from motus_fast.model import Conditioning
+    from motus_fast.experiments.toy import encode_windows, read_windows, sample_clips, toy_model_config
 
-    model_cfg = get_preset("tiny").override(cfg.model_overrides())
-    spec = DatasetSpec(root=str(data_root), name="metaworld")
-    stats = compute_dataset_stats(spec, progress=False)
-    window = WindowSpec(num_video_frames=8, video_action_freq_ratio=2, global_downsample_rate=1,
-                        condition_stride=cfg.condition_stride)
-    data_cfg = DataConfig(datasets=(spec,), window=window, height=cfg.image_size, width=cfg.image_size,
-                          normalization="mean_std")
-    ds = MotusDataset(spec, data_cfg, stats=stats)
-    samples = [ds[i] for i in tqdm(range(len(ds)), desc="read windows", unit="win")]
-
-    clips = torch.stack([s.frames.permute(0, 2, 3, 1) for s in samples])              # N, 9, H, W, 3 uint8
+    model_cfg = toy_model_config(cfg.sample_steps)
+    samples, stats, data_cfg = read_windows(data_root, cfg.image_size, cfg.condition_stride)
+    clips = sample_clips(samples)                                                        # N, 9, H, W, 3 uint8
     size = (cfg.image_size, cfg.image_size)
     encoders = PatchPCAEncoders.fit(model_cfg, clips.flatten(0, 1), size, seed=cfg.seed)
-    windows = {"full": [], "action_only": []}
-    prompts = sorted({s.instruction for s in samples})
-    text = dict(zip(prompts, encoders.encode_prompts(prompts)[0]))
-    for lo in range(0, len(samples), 256):
-        chunk = samples[lo: lo + 256]
-        lat = encoders.encode_frames(clips[lo: lo + 256])                                 # n, C, 3, h, w
-        vlm, _ = encoders.vlm_features(clips[lo: lo + 256, 0], [s.instruction for s in chunk])
-        for j, s in enumerate(chunk):
-            cond = Conditioning(text=text[s.instruction][None], vlm=vlm[j: j + 1], state=s.state[None])
-            windows["full"].append(FlowBatch(lat[j: j + 1], s.actions[None], cond))
-            windows["action_only"].append(FlowBatch(lat[j: j + 1, :, :1], s.actions[None], cond))
+    encoded = encode_windows(samples, clips, encoders)
+    windows = {"full": [w.full for w in encoded], "action_only": [w.cond for w in encoded]}
     extra = {"norm_stats": stats_to_json({"metaworld": stats}), "norm_mode": "mean_std",
              "serve": {"image_size": list(size), "num_frames": 3}, "data": data_cfg.to_dict(),
              "state_layout": "metaworld 21-D (goal in state)"}
@@ -175,22 +145,13 @@ def _training_windows(data_root: Path, cfg: DemoConfig):
 
 
 def _train(run_dir: Path, model_cfg, windows, steps: int, cfg: DemoConfig, encoders, extra: dict, video: bool):
-    from motus_fast.config import TrainConfig
-    from motus_fast.encoders import PatchPCAEncoders
-    from motus_fast.train.checkpoint import latest_checkpoint
-    from motus_fast.train.trainer import Trainer
+    from motus_fast.experiments.toy import train_run
 
     if not video:   # the baseline: condition frame only, nothing to predict, no video loss
         model_cfg = model_cfg.override({"flow.video_loss_weight": 0.0})
         extra = dict(extra, serve=dict(extra["serve"], num_frames=1))
-    tc = TrainConfig(stage=3, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=min(50, steps // 4),
-                     schedule="cosine", min_lr_ratio=0.1, param_dtype="fp32", activation_checkpointing=False,
-                     save_every=steps, keep_last=1, log_every=10, logger="jsonl", seed=cfg.seed)
-    records = Trainer(model_cfg, tc, windows, run_dir, extra=extra).run()
-    ckpt = latest_checkpoint(run_dir)
-    encoders.save(ckpt / PatchPCAEncoders.FILENAME)
-    curve = {k: [r[k] for r in records] for k in ("loss", "loss_video", "loss_action")}
-    return ckpt, curve
+    return train_run(run_dir, model_cfg, windows, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+                     encoders=encoders, extra=extra)
 
 
 def _closed_loop(ckpts: dict, cfg: DemoConfig, render):
@@ -247,8 +208,10 @@ def _imagine(out: Path, ckpt: Path, encoders, cfg: DemoConfig, render) -> dict:
     """world_model mode on held-out expert episodes: given the real next 16 actions, predict the video."""
     from PIL import Image
 
-    from motus_fast.data.metaworld import generate_demonstrations
     from motus_fast.data.norm import normalize, stats_from_json
+    from motus_fast.envs.metaworld import generate_demonstrations
+    from motus_fast.experiments.toy import latent_frame_target
+    from motus_fast.experiments.toy import psnr as _psnr
     from motus_fast.flow import sample
     from motus_fast.weights.native import load_model
     from motus_fast.model import Conditioning
@@ -273,8 +236,7 @@ def _imagine(out: Path, ckpt: Path, encoders, cfg: DemoConfig, render) -> dict:
         vae = encoders.decode_latents(latents)[0]
         real = clip[0].float()
         future = slice(1, None)
-        # each latent frame stands for the mean of its 4 frames: compare against that mean, frame by frame
-        target = torch.cat([real[:1], real[1:].unflatten(0, (-1, 4)).mean(1).repeat_interleave(4, 0)])
+        target = latent_frame_target(clip[0])
         psnr["predicted"].append(_psnr(predicted[future].float(), target[future]))
         psnr["copy_first"].append(_psnr(real[:1].expand_as(real[future]), target[future]))
         psnr["vae"].append(_psnr(vae[future].float(), target[future]))
@@ -288,11 +250,6 @@ def _imagine(out: Path, ckpt: Path, encoders, cfg: DemoConfig, render) -> dict:
     return {"episodes": [r[2] for r in rows], "psnr_predicted": float(np.mean(psnr["predicted"])),
             "psnr_copy_first": float(np.mean(psnr["copy_first"])), "psnr_vae": float(np.mean(psnr["vae"])),
             "png": str(out / "imagination.png"), "gif": str(out / "imagination.gif")}
-
-
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = torch.mean((a - b) ** 2).item()
-    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
 
 
 def _write_report(out: Path, report: dict, curves: dict) -> None:

@@ -106,12 +106,15 @@ class FlowDraws:
             return FlowDraws(video_ids, video_noise)
         action_ids = torch.randint(0, n, (B,), generator=generator, device=dev)
         action_noise = torch.randn(batch.actions.shape, generator=generator, device=dev, dtype=batch.actions.dtype)
+        if cfg.timesteps == "shared":   # the joint diffuser: one timestep for both streams (same draws consumed)
+            action_ids = video_ids
         return FlowDraws(video_ids, video_noise, action_ids, action_noise)
 
 
 def training_loss(model, batch: FlowBatch, draws: Optional[FlowDraws] = None,
                   generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
-    """Rectified-flow loss on both streams with independent timesteps. Returns loss, loss_video, loss_action."""
+    """Rectified-flow loss on both streams with independent timesteps (or one shared timestep, see
+    ``FlowConfig.timesteps``). Returns loss, loss_video, loss_action."""
     cfg: FlowConfig = model.cfg.flow
     draws = draws or FlowDraws.sample(batch, cfg, generator)
     sigmas = training_sigmas(cfg).to(batch.video.device)

@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from motus_fast.data.metaworld import (ACTION_DIM, DEMO_TASKS, MetaWorldEnv, RenderSettings, episode_seed,
+from motus_fast.envs.metaworld import (ACTION_DIM, DEMO_TASKS, MetaWorldEnv, RenderSettings, episode_seed,
                                        scripted_expert)
 
 Policy = Callable[[dict], np.ndarray]
@@ -106,9 +106,11 @@ class _InProcessServer:
 
 
 def checkpoint_policy(checkpoint: str, *, image_size: tuple[int, int] = (64, 64), steps: Optional[int] = None,
-                      noise_seed: Optional[int] = None, threads: Optional[int] = None) -> ServedPolicy:
-    """Our checkpoint in ``vla`` mode, in this process, built exactly as `motus-fast serve --checkpoint` builds it
-    (engine, encoders, normalisation from the checkpoint's statistics)."""
+                      noise_seed: Optional[int] = None, threads: Optional[int] = None,
+                      mode: str = "vla") -> ServedPolicy:
+    """Our checkpoint in ``mode`` (``vla``, or ``joint`` for a model trained with one shared timestep), in this
+    process, built exactly as `motus-fast serve --checkpoint` builds it (engine, encoders, normalisation from the
+    checkpoint's statistics)."""
     try:
         from motus_fast.serve.build import PolicySpec, build_policy
     except ImportError as e:
@@ -117,7 +119,7 @@ def checkpoint_policy(checkpoint: str, *, image_size: tuple[int, int] = (64, 64)
             f"(motus_fast.infer, motus_fast.serve), which are not available ({e}); use --policy random or "
             "--policy scripted for a smoke run") from e
     policy, _, _ = build_policy(PolicySpec(checkpoint=str(checkpoint), image_size=tuple(image_size), threads=threads))
-    return ServedPolicy(_InProcessServer(policy), steps=steps, noise_seed=noise_seed)
+    return ServedPolicy(_InProcessServer(policy), mode=mode, steps=steps, noise_seed=noise_seed)
 
 
 # ---- results -----------------------------------------------------------------------------------------------------
@@ -221,7 +223,7 @@ def evaluate(policy: Policy, tasks: Sequence[str] = DEMO_TASKS, episodes: int = 
              max_steps: int = 150, execute_steps: Optional[int] = None, render: RenderSettings = RenderSettings(),
              goal_in_state: bool = True, record_frames: bool = False, progress: bool = True) -> EvalResult:
     """Run ``episodes`` closed-loop episodes per task; see the module docstring. ``goal_in_state`` must match
-    what the policy was trained with (see motus_fast.data.metaworld). ``record_frames`` renders every step and
+    what the policy was trained with (see motus_fast.envs.metaworld). ``record_frames`` renders every step and
     keeps the frames in the EpisodeResults (for GIFs); otherwise only the frames the policy sees are rendered."""
     from tqdm.auto import tqdm
 

@@ -155,7 +155,8 @@ class InferenceEngine:
             with timer.stage("vae"):
                 cond_latent = enc.encode_frames(images[:, None].to(self.device)).to(self.device, self.dtype)
             with timer.stage("vlm"):
-                vlm, lens = enc.vlm_features(images.to(self.device), list(prompts))
+                vlm, lens = (enc.vlm_features(images.to(self.device), list(prompts)) if self.model.cfg.und_stream
+                             else (None, None))
                 obs = self._observation_from_features(vlm, lens)
             obs.cond_latent = cond_latent
             return obs
@@ -193,7 +194,7 @@ class InferenceEngine:
         return Instruction(text=text, text_lens=lens, ctx=c.text_ctx, kv=c.text_kv)
 
     def _observation_from_features(self, vlm: Optional[Tensor], vlm_lens) -> Observation:
-        if vlm is None:
+        if vlm is None or not self.model.cfg.und_stream:
             return Observation(cond_latent=None, vlm=None, vlm_lens=None, und=None)
         vlm = vlm.to(self.device, self.dtype)
         lens = None if vlm_lens is None else torch.as_tensor(vlm_lens, device=self.device)

@@ -185,7 +185,10 @@ class Motus(nn.Module):
 
     def unused_parameter_names(self) -> set[str]:
         """Parameters that cannot affect any output: the und stream has no head, so the last layer's und query
-        norm, output projection and FFN are dead (upstream too). Trainers freeze them."""
+        norm, output projection and FFN are dead (upstream too); without the und stream (``cfg.und_stream``
+        False), all of the und expert. Trainers freeze them."""
+        if not self.cfg.und_stream:
+            return {n for n, _ in self.expert_parameters()["und"]}
         last = f"blocks.{len(self.blocks) - 1}.und."
         return {n for n, _ in self.named_parameters() if n.startswith((last + "o.", last + "norm_q.", last + "ffn."))}
 
@@ -197,7 +200,7 @@ class Motus(nn.Module):
         """Everything that depends only on the conditioning (once per request, not per denoising step)."""
         ctx = self.video.text_embed(cond.text.to(self.video.patch_embed.weight.dtype))
         text_kv = [blk.video.cross_attn.context_kv(ctx) for blk in self.blocks] if per_layer_text_kv else None
-        und = None if cond.vlm is None else self.und.embed(cond.vlm, cond.vlm_lens)
+        und = None if cond.vlm is None or not self.cfg.und_stream else self.und.embed(cond.vlm, cond.vlm_lens)
         return ConditionCache(text_ctx=ctx, text_kv=text_kv, und=und)
 
     def forward(self, video: Tensor, t_video: Tensor, actions: Optional[Tensor], t_action: Optional[Tensor],

@@ -8,9 +8,9 @@ import pytest
 os.environ.setdefault("MUJOCO_GL", "egl")    # headless; must be set before importorskip imports mujoco
 pytest.importorskip("metaworld")
 
-from motus_fast.data.metaworld import (ACTION_DIM, IMAGE_FEATURE, STATE_DIM, STATE_FEATURE, FreeCamera,  # noqa: E402
-                                       MetaWorldEnv, RenderSettings, episode_seed, generate_demonstrations,
-                                       instruction_for, state_from_observation, write_lerobot_dataset)
+from motus_fast.data.metaworld import IMAGE_FEATURE, STATE_FEATURE, write_lerobot_dataset  # noqa: E402
+from motus_fast.envs.metaworld import (ACTION_DIM, STATE_DIM, FreeCamera, MetaWorldEnv, RenderSettings,  # noqa: E402
+                                       episode_seed, generate_demonstrations, instruction_for, state_from_observation)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_rendering_then_importing_triton_does_not_crash():
     import subprocess
     import sys
 
-    code = ("from motus_fast.data.metaworld import MetaWorldEnv, RenderSettings\n"
+    code = ("from motus_fast.envs.metaworld import MetaWorldEnv, RenderSettings\n"
             "with MetaWorldEnv('reach-v3', RenderSettings(16, 16)) as env:\n"
             "    env.reset(0); env.render()\n"
             "import triton._C.libtriton\n"

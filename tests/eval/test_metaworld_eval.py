@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("MUJOCO_GL", "egl")    # headless; must be set before importorskip imports mujoco
 pytest.importorskip("metaworld")
 
-from motus_fast.data.metaworld import RenderSettings, episode_seed  # noqa: E402
+from motus_fast.envs.metaworld import RenderSettings, episode_seed  # noqa: E402
 from motus_fast.eval.metaworld import (RandomPolicy, ScriptedPolicy, evaluate, wilson_interval)  # noqa: E402
 
 SMALL = RenderSettings(32, 32)

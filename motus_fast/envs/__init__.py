@@ -1,0 +1,1 @@
+"""Simulated environments: Meta-World (envs.metaworld)."""
