@@ -617,7 +617,8 @@ def write_report(out: Path, report: dict) -> None:
         rows = [r["per_task"][t] for t in tasks] + [r["pooled"]]
         x = np.arange(len(cols)) + (i - (len(ab) - 1) / 2) * width
         rate = np.array([q["rate"] for q in rows])
-        err = np.array([[q["rate"] - q["ci95"][0], q["ci95"][1] - q["rate"]] for q in rows]).T
+        # clipped: at k = n the interval's upper end can round a hair below the rate
+        err = np.clip(np.array([[q["rate"] - q["ci95"][0], q["ci95"][1] - q["rate"]] for q in rows]).T, 0, None)
         ax[0].bar(x, rate, width, yerr=err, capsize=2, label=v)
     ax[0].set_xticks(range(len(tasks) + 1), tasks + ["pooled"])
     ax[0].set_ylim(0, 1.05)
