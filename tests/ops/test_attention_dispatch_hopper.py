@@ -6,6 +6,7 @@ numbers."""
 
 import json
 import logging
+import os
 import sys
 
 import pytest
@@ -132,3 +133,23 @@ def test_plan_runs_the_hopper_launcher_for_inference_and_ours_under_autograd(fre
     assert len([r for r in caplog.records if "eager inference forward only" in r.getMessage()]) == 1
     for e in range(3):
         torch.testing.assert_close(got[e].double(), want[e], atol=2e-3, rtol=2e-3)
+
+
+@interpreted
+def test_tune_times_the_hopper_candidate_through_the_public_op(fresh, monkeypatch):
+    """bench.attention --tune reaches triton_hopper through auto with a one-entry table (the same host path as the
+    other candidates): the plan it builds launches the Hopper kernel, and the caller's table setting is restored."""
+    import motus_fast.kernels.joint_attention_hopper as JH
+    from bench.attention import Problem, Shape, _candidate_call
+
+    real_runnable, real_launcher = AD.runnable, JH.forward_launcher
+    monkeypatch.setattr(AD, "runnable", lambda c, d, cls, inputs=None: None if c == "triton_hopper"
+                        else real_runnable(c, d, cls, inputs))
+    built = []
+    monkeypatch.setattr(JH, "forward_launcher", lambda *a, **kw: built.append(1) or real_launcher(*a, **kw))
+    monkeypatch.setenv(AD.TABLE_ENV, "/nonexistent/table.json")
+    p = Problem(Shape("t", 1, (20, 3, 8), 2, 64), True, torch.float32, CPU)
+    fwd = _candidate_call("triton_hopper", p, MASK, [20, 3, 8])
+    fwd()
+    assert built == [1]                                   # built once (the first call), reused after
+    assert os.environ[AD.TABLE_ENV] == "/nonexistent/table.json"
