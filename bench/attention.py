@@ -285,8 +285,9 @@ def run(shapes, modes, warmup: int, iters: int, dtype) -> list[dict]:
     return rows
 
 
-def sweep(shape: Shape, warmup: int, iters: int, dtype, kernels=("fwd", "dkdv", "dq")) -> list[dict]:
-    """Time alternative tile configurations of our kernels (GPU): to retune kernels/joint_attention.py."""
+def sweep(shape: Shape, warmup: int, iters: int, dtype, kernels=("fwd", "dkdv", "dq", "hopper")) -> list[dict]:
+    """Time alternative tile configurations of our kernels (GPU): to retune kernels/joint_attention.py and
+    kernels/joint_attention_hopper.py (kind ``hopper``: the Hopper forward, on sm_90 only)."""
     from motus_fast.kernels.joint_attention import (AttentionConfig, BlockConfig, attention_backward,
                                                      attention_forward, default_config, visibility_bits)
 
@@ -318,6 +319,21 @@ def sweep(shape: Shape, warmup: int, iters: int, dtype, kernels=("fwd", "dkdv", 
             try:
                 row["median_ms"] = time_fn(fn, warmup=warmup, iters=iters)["median_ms"]
             except Exception as ex:                              # e.g. out of shared memory: say so
+                row["error"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:120]}"
+            rows.append(row)
+            print(row)
+    if "hopper" in kernels and torch.cuda.get_device_capability()[0] == 9:
+        from motus_fast.kernels import joint_attention_hopper as JH
+
+        base_h = JH.default_config(shape.head_dim, dtype)
+        for tile in [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3)]:
+            cfg_h = JH.HopperConfig(*tile)
+            fn = lambda: JH.attention_forward(p.q, p.k, p.v, p.cu, p.cu, bounds, visible_bits=bits,  # noqa: E731
+                                              softmax_scale=scale, config=cfg_h)
+            row = dict(shape=shape.name, kernel="hopper fwd", tile="%dx%d w%d s%d" % tile, default=(cfg_h == base_h))
+            try:
+                row["median_ms"] = time_fn(fn, warmup=warmup, iters=iters)["median_ms"]
+            except Exception as ex:
                 row["error"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:120]}"
             rows.append(row)
             print(row)
@@ -496,7 +512,7 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=50 if ON_GPU else 3)
     ap.add_argument("--sweep", action="store_true", help="GPU: also time alternative tile configurations")
     ap.add_argument("--sweep-only", action="store_true", help="GPU: only the tile sweep (no comparison table)")
-    ap.add_argument("--sweep-kernels", default="fwd,dkdv,dq", help="which kernels the sweep retiles")
+    ap.add_argument("--sweep-kernels", default="fwd,dkdv,dq,hopper", help="which kernels the sweep retiles")
     ap.add_argument("--tune", action="store_true", help="time the auto candidates, write the dispatch table")
     ap.add_argument("--profile", action="store_true", help="torch-profiler trace and per-kernel table")
     ap.add_argument("--table", default=None, help="where --tune writes the table (default: the one auto reads)")

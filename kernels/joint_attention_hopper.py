@@ -54,9 +54,10 @@ class HopperConfig:
 
 
 def default_config(head_dim: int, dtype: torch.dtype) -> HopperConfig:
-    """128 x 128 tiles, 8 warps (two consumer warp groups of 64 rows), two K/V stages (Q 32 KB + 2 x (K + V) 64 KB
-    = 160 KB of shared memory at d=128; a third stage would exceed the 227 KB an sm_90 block may use). fp32 runs
-    only under the interpreter."""
+    """128 x 128 tiles, 8 warps (two consumer warp groups of 64 rows), two K/V stages: 161 KB of shared memory
+    and 188 registers at d=128 (155 / 81 KB at d=64), one block per SM either way. Not measured yet: three stages
+    also compile without spills (225 KB at d=128), as do 128 x 64 tiles; ``python -m bench.attention --sweep``
+    times them on a GPU. fp32 runs only under the interpreter."""
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim={head_dim} is not supported by the Hopper attention forward ({HEAD_DIMS})")
     if dtype == torch.float32:
@@ -193,15 +194,21 @@ def unsupported(q: Sequence[Optional[Tensor]], k: Sequence[Tensor], v: Sequence[
             if t.stride(2) != 1:
                 return f"{name}[{e}] has head_dim stride {t.stride(2)} (TMA needs 1)"
             if (t.stride(0) * size) % TMA_ALIGN or (t.stride(1) * size) % TMA_ALIGN:
-                return f"{name}[{e}] has strides {tuple(t.stride())}: token/head strides must be {TMA_ALIGN}-byte aligned"
+                return (f"{name}[{e}] has strides {tuple(t.stride())}: token/head strides must be "
+                        f"{TMA_ALIGN}-byte aligned")
     return None
 
 
-def _check_aligned(tensors, what: str) -> None:
-    for e, t in enumerate(tensors):
-        if t is not None and t.numel() and t.data_ptr() % TMA_ALIGN:
-            raise ValueError(f"joint_attention_hopper: {what}[{e}] starts at a pointer that is not "
-                             f"{TMA_ALIGN}-byte aligned (TMA needs it); use the portable kernel for it")
+def _check_aligned(**named: Sequence[Optional[Tensor]]) -> None:
+    """Every descriptor base must be 16-byte aligned; the signature cannot tell (a view may start anywhere)."""
+    ptrs = [t.data_ptr() if t is not None and t.numel() else 0 for ts in named.values() for t in ts]
+    if not any(p % TMA_ALIGN for p in ptrs):
+        return
+    for what, ts in named.items():
+        for e, t in enumerate(ts):
+            if t is not None and t.numel() and t.data_ptr() % TMA_ALIGN:
+                raise ValueError(f"joint_attention_hopper: {what}[{e}] starts at a pointer that is not "
+                                 f"{TMA_ALIGN}-byte aligned (TMA needs it); use the portable kernel for it")
 
 
 def forward_launcher(q: Sequence[Optional[Tensor]], k: Sequence[Tensor], v: Sequence[Tensor],
@@ -238,8 +245,7 @@ def forward_launcher(q: Sequence[Optional[Tensor]], k: Sequence[Tensor], v: Sequ
             lse = [None if s is None else torch.empty(s[:2], dtype=torch.float32, device=device) for s in out_shapes]
         if grid[0] == 0 or H == 0:
             return out, lse
-        for name, ts in (("q", q), ("k", k), ("v", v), ("out", out)):
-            _check_aligned(ts, name)
+        _check_aligned(q=q, k=k, v=v, out=out)
         if not interp:
             _ensure_allocator()
         # experts without queries still need pointers of the right type in the q/out/lse slots; never read

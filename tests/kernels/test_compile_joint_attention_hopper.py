@@ -7,7 +7,6 @@ output."""
 
 import json
 import os
-import re
 import subprocess
 import sys
 

@@ -171,3 +171,26 @@ def test_misaligned_base_pointer_raises_naming_the_tensor():
     launch = forward_launcher([ok], [ok], [ok], cu, cu, [10], visible_bits=1, softmax_scale=0.1)
     with pytest.raises(ValueError, match=r"v\[0\].*16-byte aligned"):
         launch([ok], [ok], [shifted], cu, cu)
+
+
+@runs_here
+def test_output_stores_stay_inside_the_segments():
+    """The output tile is stored through a descriptor whose shape is the sample's segment: rows past the last
+    sample's end (here a partial tile) are not written, so a sentinel after the output buffer survives."""
+    from motus_fast.kernels.joint_attention import visibility_bits
+    from motus_fast.kernels.joint_attention_hopper import HopperConfig, attention_forward
+
+    dtype = torch.float16
+    lens = [[21, 5], [3, 0]]
+    q, k, v, _, cu = fused_inputs(lens, 64, dtype, 5)
+    outs, bigs = [], []
+    for t in q:
+        big = torch.full((t.shape[0] + 16, H, 64), 7.0, dtype=dtype, device=DEVICE)
+        bigs.append(big)
+        outs.append(big[:t.shape[0]])
+    attention_forward(q, k, v, cu, cu, [21, 3], visible_bits=visibility_bits(None, 2), softmax_scale=0.125,
+                      config=HopperConfig(16, 16, 4, 1), out=outs)
+    want, _ = joint_attention_reference(q, k, v, cu, None)
+    for e in range(2):
+        assert (bigs[e][q[e].shape[0]:] == 7.0).all(), f"out[{e}]: rows past the last segment were written"
+        torch.testing.assert_close(outs[e].float(), want[e].float(), atol=2e-3, rtol=2e-3)
