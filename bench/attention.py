@@ -301,6 +301,15 @@ def sweep(shape: Shape, warmup: int, iters: int, dtype, kernels=("fwd", "dkdv", 
     scale = 1 / math.sqrt(shape.head_dim)
     out, lse = attention_forward(p.q, p.k, p.v, p.cu, p.cu, bounds, visible_bits=bits, softmax_scale=scale)
     rows = []
+
+    def timed(row, fn):
+        try:
+            row["median_ms"] = time_fn(fn, warmup=warmup, iters=iters)["median_ms"]
+        except Exception as ex:                              # e.g. out of shared memory: say so
+            row["error"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:120]}"
+        rows.append(row)
+        print(row)
+
     for kind, tiles in (("fwd", fwd_tiles), ("dkdv", dkdv_tiles), ("dq", dq_tiles)):
         if kind not in kernels:
             continue
@@ -314,14 +323,8 @@ def sweep(shape: Shape, warmup: int, iters: int, dtype, kernels=("fwd", "dkdv", 
             else:
                 fn = lambda: attention_backward(p.do, p.q, p.k, p.v, out, lse, p.cu, p.cu, bounds,  # noqa: E731
                                                 bounds, visible_bits=bits, softmax_scale=scale, config=cfg)
-            row = dict(shape=shape.name, kernel=kind, tile="%dx%d w%d s%d" % tile,
-                       default=(blocks == getattr(base, kind)))
-            try:
-                row["median_ms"] = time_fn(fn, warmup=warmup, iters=iters)["median_ms"]
-            except Exception as ex:                              # e.g. out of shared memory: say so
-                row["error"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:120]}"
-            rows.append(row)
-            print(row)
+            timed(dict(shape=shape.name, kernel=kind, tile="%dx%d w%d s%d" % tile,
+                       default=(blocks == getattr(base, kind))), fn)
     if "hopper" in kernels and torch.cuda.get_device_capability()[0] == 9:
         from motus_fast.kernels import joint_attention_hopper as JH
 
@@ -330,13 +333,8 @@ def sweep(shape: Shape, warmup: int, iters: int, dtype, kernels=("fwd", "dkdv", 
             cfg_h = JH.HopperConfig(*tile)
             fn = lambda: JH.attention_forward(p.q, p.k, p.v, p.cu, p.cu, bounds, visible_bits=bits,  # noqa: E731
                                               softmax_scale=scale, config=cfg_h)
-            row = dict(shape=shape.name, kernel="hopper fwd", tile="%dx%d w%d s%d" % tile, default=(cfg_h == base_h))
-            try:
-                row["median_ms"] = time_fn(fn, warmup=warmup, iters=iters)["median_ms"]
-            except Exception as ex:
-                row["error"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:120]}"
-            rows.append(row)
-            print(row)
+            timed(dict(shape=shape.name, kernel="hopper fwd", tile="%dx%d w%d s%d" % tile,
+                       default=(cfg_h == base_h)), fn)
     return rows
 
 
