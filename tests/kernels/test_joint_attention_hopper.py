@@ -88,6 +88,7 @@ CASES = [
     ("3exp-b2-d128-fp16-prefix-kvonly-default", 3, 2, 128, torch.float16, VIS_PREFIX, 2, "default"),
     ("2exp-b2-d64-fp16-all-default", 2, 2, 64, torch.float16, None, None, "default"),
     ("1exp-b3-d128-fp32-default", 1, 3, 128, torch.float32, None, None, "default"),
+    ("3exp-b2-d128-bf16-prefix-default", 3, 2, 128, torch.bfloat16, VIS_PREFIX, None, "default"),
 ]
 
 
