@@ -91,10 +91,11 @@ def _joint_plan(q, k, v, cu_seqlens, visible, softmax_scale, max_seqlens):
     backend = choose("joint_attention", {"triton": _triton_can_run(k[0], E), "cuda": False}, k[0].device.type)
     candidate = "triton"
     if backend == "triton" and requested_backend() == "auto" and max_seqlens is not None:
-        candidate = attention_dispatch.select("joint_attention", k[0].device, k[0].dtype, visible, max_seqlens)
+        candidate = attention_dispatch.select("joint_attention", k[0].device, k[0].dtype, visible, max_seqlens,
+                                              inputs=(q, k, v))
     if backend == "reference" or candidate == "sdpa":
         return lambda q, k, v, cu, return_lse: joint_attention_reference(q, k, v, cu, visible, scale, return_lse)
-    ours = _triton_plan(q, k, v, cu_seqlens, visible, scale, max_seqlens)
+    ours = _triton_plan(q, k, v, cu_seqlens, visible, scale, max_seqlens, hopper=candidate == "triton_hopper")
     if candidate == "flash_attn" and all(t is not None for t in q):
         bounds = list(max_seqlens)
         return lambda q, k, v, cu, return_lse: (ours(q, k, v, cu, True) if return_lse else (
@@ -102,8 +103,10 @@ def _joint_plan(q, k, v, cu_seqlens, visible, softmax_scale, max_seqlens):
     return ours
 
 
-def _triton_plan(q, k, v, cu_seqlens, visible, scale, max_seqlens):
+def _triton_plan(q, k, v, cu_seqlens, visible, scale, max_seqlens, hopper=False):
     from motus_fast.kernels.joint_attention import forward_launcher, visibility_bits
+    if hopper:   # the Hopper forward (kernels/joint_attention_hopper.py) for eager inference; same contract
+        from motus_fast.kernels.joint_attention_hopper import forward_launcher
 
     E, dev = len(k), k[0].device
     as_int32 = lambda cu: [c if c.dtype == torch.int32 and c.device == dev  # noqa: E731
@@ -112,6 +115,9 @@ def _triton_plan(q, k, v, cu_seqlens, visible, scale, max_seqlens):
     q_experts = [e for e in range(E) if q[e] is not None]
     direct = (eager_call() and max_seqlens is not None and not needs_grad(*q, *k, *v)
               and all(t is None or t.stride(2) == 1 or t.numel() == 0 for t in (*q, *k, *v)))
+    if hopper and not direct:
+        attention_dispatch.fall_back("joint_attention", "triton_hopper", "it serves the eager inference forward "
+                                     "only; autograd and torch.compile run the portable kernels")
     if direct:   # eager inference: no dispatcher, launch arguments computed once
         launch = forward_launcher(q, k, v, cu_seqlens, cu_seqlens, list(max_seqlens), visible_bits=bits,
                                   softmax_scale=float(scale))
