@@ -15,15 +15,14 @@ as ``torch.ops.motus_fast.*`` custom ops) and CUDA C++ (csrc/adaln.cu, forward o
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from motus_fast.backend import choose
-from motus_fast.ops.availability import (PlanCache, cuda_ops_run_on, eager_call, launch_budget, needs_grad,
-                                         signature, triton_runs_on)
+from motus_fast.ops.availability import (PlanCache, backend_setting, cuda_ops_run_on, eager_call, launch_budget,
+                                         needs_grad, signature, triton_runs_on)
 from motus_fast.ops.profiling import annotate
 
 Tensor = torch.Tensor
@@ -84,8 +83,8 @@ def _call(op, x, y, gate, shift, scale, eps, norm):
     """Run `op` through the plan of this input signature (checks, backend choice and launch built once)."""
     if not eager_call():
         return _plan(op, x, y, gate, shift, scale, eps, norm)(x, y, gate, shift, scale)
-    key = (op, norm, eps, torch.is_grad_enabled(), os.environ.get("MOTUS_BACKEND"),
-           signature(x, y, gate, shift, scale))
+    grad = torch.is_grad_enabled()
+    key = (op, norm, eps, grad, backend_setting(), signature(grad, x, y, gate, shift, scale))
     run = _PLANS.get(key)
     if run is None:
         run = _PLANS.put(key, _plan(op, x, y, gate, shift, scale, eps, norm))
@@ -102,15 +101,12 @@ def _plan(op, x, y, gate, shift, scale, eps, norm):
         return lambda x, y, gate, shift, scale: gated_residual_adaln_reference(x, y, gate, shift, scale, eps, norm)
     rms = norm == "rms"
     if backend == "triton" and eager_call() and not needs_grad(x, y, gate, shift, scale):
-        flat_rows = x.dim() == 2
-        impl = _direct(x.unsqueeze(0) if flat_rows else x, y.unsqueeze(0) if flat_rows and y is not None else y,
-                       gate, shift, scale, eps, rms)
-    else:   # the custom ops: autograd, torch.compile, the CUDA extension
-        ops = torch.ops.motus_fast_cuda if backend == "cuda" else torch.ops.motus_fast
-        if y is None:
-            impl = lambda x, y, gate, shift, scale: (None, ops.adaln_modulate(x, shift, scale, eps, rms))  # noqa
-        else:
-            impl = lambda x, y, gate, shift, scale: ops.gated_residual_adaln(x, y, gate, shift, scale, eps, rms)  # noqa
+        return _direct(x, y, gate, shift, scale, eps, rms)
+    ops = torch.ops.motus_fast_cuda if backend == "cuda" else torch.ops.motus_fast   # autograd, compile, CUDA
+    if y is None:
+        impl = lambda x, y, gate, shift, scale: (None, ops.adaln_modulate(x, shift, scale, eps, rms))  # noqa: E731
+    else:
+        impl = lambda x, y, gate, shift, scale: ops.gated_residual_adaln(x, y, gate, shift, scale, eps, rms)  # noqa
     if x.dim() == 3:
         return impl
 
@@ -163,7 +159,7 @@ _LAUNCHES = PlanCache()
 
 def _forward(x, y, gate, shift, scale, eps, rms):
     x, y, gate, shift, scale = map(_unit_last, (x, y, gate, shift, scale))
-    key = (eps, rms, signature(x, y, gate, shift, scale))
+    key = (eps, rms, signature(False, x, y, gate, shift, scale))
     launch = _LAUNCHES.get(key)
     if launch is None:
         launch = _LAUNCHES.put(key, _launcher(x, y, gate, shift, scale, eps, rms))
@@ -175,18 +171,29 @@ def _forward(x, y, gate, shift, scale, eps, rms):
 
 def _direct(x, y, gate, shift, scale, eps, rms):
     """Eager inference: allocate the outputs and launch, with no dispatcher in between (the custom ops would only
-    add autograd and tracing support, neither needed here)."""
+    add autograd and tracing support, neither needed here). [T, D] rows run as one sample of T rows: the kernel
+    takes base pointers and the strides fixed here, so the tensors go in without views."""
     if any(_unit_last(t) is not t for t in (x, y, gate, shift, scale)):
         return lambda x, y, gate, shift, scale: _forward(x, y, gate, shift, scale, eps, rms)
-    launch = _launcher(x, y, gate, shift, scale, eps, rms)
-    shape, dtype, device, residual = x.shape, x.dtype, x.device, y is not None
+    rows = (lambda t: t if t is None else t.unsqueeze(0)) if x.dim() == 2 else (lambda t: t)  # noqa: E731
+    launch = _launcher(rows(x), rows(y), gate, shift, scale, eps, rms)
+    shape, dtype, device = tuple(x.shape), x.dtype, x.device
+    # a contiguous x makes empty_like contiguous too (the layout the launcher assumes), at half torch.empty's cost
+    alloc = torch.empty_like if x.is_contiguous() else (
+        lambda x: torch.empty(*shape, dtype=dtype, device=device))   # noqa: E731
 
-    def run(x, y, gate, shift, scale):
-        h = torch.empty(shape, dtype=dtype, device=device)
-        x_out = torch.empty(shape, dtype=dtype, device=device) if residual else None
+    if y is None:
+        def run(x, y, gate, shift, scale):
+            h = alloc(x)
+            launch(x, None, gate, shift, scale, None, h)
+            return None, h
+        return run
+
+    def run_residual(x, y, gate, shift, scale):
+        x_out, h = alloc(x), alloc(x)
         launch(x, y, gate, shift, scale, x_out, h)
         return x_out, h
-    return run
+    return run_residual
 
 
 def _launcher(x, y, gate, shift, scale, eps, rms):
