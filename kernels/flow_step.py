@@ -153,14 +153,14 @@ def euler_launcher(streams, dt_stride: int):
     grid, consts = (sum(progs),), dict(NUM_STREAMS=n, HAS_COND0=has_cond[0], HAS_COND1=has_cond[1], BLOCK=BLOCK,
                                        num_warps=4)
 
-    def launch(xs, vs, conds, outs, dt):
-        args = []
-        for i in range(MAX_STREAMS):
-            if i < n:
-                args += [xs[i], vs[i], conds[i] if has_cond[i] else xs[i], outs[i], *sizes[i]]
-            else:
-                args += [xs[0]] * 4 + list(sizes[i])
-        euler_step_kernel[grid](*args, dt, dt_stride, progs[0], **consts)
+    c0, c1 = has_cond[0], has_cond[1]
+    s0, s1 = sizes[0], sizes[1]
+
+    def launch(xs, vs, conds, outs, dt):   # (MAX_STREAMS = 2) an absent second stream gets stream 0's pointers
+        x0 = xs[0]
+        x1, v1, o1, cond1 = (xs[1], vs[1], outs[1], conds[1] if c1 else xs[1]) if n > 1 else (x0, x0, x0, x0)
+        euler_step_kernel[grid](x0, vs[0], conds[0] if c0 else x0, outs[0], *s0, x1, v1, cond1, o1, *s1,
+                                dt, dt_stride, progs[0], **consts)
     return launch
 
 
