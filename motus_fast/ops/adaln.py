@@ -179,18 +179,20 @@ def _direct(x, y, gate, shift, scale, eps, rms):
     launch = _launcher(rows(x), rows(y), gate, shift, scale, eps, rms)
     shape, dtype, device = tuple(x.shape), x.dtype, x.device
     # a contiguous x makes empty_like contiguous too (the layout the launcher assumes), at half torch.empty's cost
-    alloc = torch.empty_like if x.is_contiguous() else (
-        lambda x: torch.empty(*shape, dtype=dtype, device=device))   # noqa: E731
+    like_x = x.is_contiguous()
 
     if y is None:
         def run(x, y, gate, shift, scale):
-            h = alloc(x)
+            h = torch.empty_like(x) if like_x else torch.empty(*shape, dtype=dtype, device=device)
             launch(x, None, gate, shift, scale, None, h)
             return None, h
         return run
 
     def run_residual(x, y, gate, shift, scale):
-        x_out, h = alloc(x), alloc(x)
+        if like_x:
+            x_out, h = torch.empty_like(x), torch.empty_like(x)
+        else:
+            x_out, h = (torch.empty(*shape, dtype=dtype, device=device) for _ in range(2))
         launch(x, y, gate, shift, scale, x_out, h)
         return x_out, h
     return run_residual

@@ -140,8 +140,9 @@ def _triton_plan(q, k, v, cu_seqlens, visible, scale, max_seqlens):
                                   softmax_scale=float(scale))
         convert = any(c.dtype != torch.int32 or c.device != dev for c in cu_seqlens)
         # outputs: empty_like a contiguous q (half torch.empty's cost), else a contiguous [T, H, D]
-        alloc = [None if t is None else torch.empty_like if t.is_contiguous() else
-                 (lambda t, s=tuple(t.shape): torch.empty(*s, dtype=t.dtype, device=dev)) for t in q]
+        like_q = [t is not None and t.is_contiguous() for t in q]
+        shapes = [None if t is None else tuple(t.shape) for t in q]
+        dtype = k[0].dtype
         # the kernel always writes an LSE; a caller who does not want it gets one fresh scratch row block for all
         # experts (never read, so experts may overwrite each other's rows; nothing outlives the call)
         rows = max((t.shape[0] for t in q if t is not None), default=0)
@@ -150,7 +151,8 @@ def _triton_plan(q, k, v, cu_seqlens, visible, scale, max_seqlens):
         def run(q, k, v, cu, return_lse):
             if convert:
                 cu = as_int32(cu)
-            out = [None if a is None else a(t) for a, t in zip(alloc, q)]
+            out = [torch.empty_like(t) if like else None if t is None else torch.empty(*s, dtype=dtype, device=dev)
+                   for t, like, s in zip(q, like_q, shapes)]
             if return_lse:
                 return launch(q, k, v, cu, cu, out)
             scratch = torch.empty(scratch_shape, dtype=torch.float32, device=dev)
