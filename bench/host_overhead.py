@@ -6,7 +6,8 @@ At inference shapes a kernel takes tens of microseconds on an H100, so the Pytho
 eager code. This times that host work, minus Triton's own launch path: each `kernel[grid](...)` is replaced by a
 no-op (no kernel runs, on CPU or GPU; the outputs are garbage). Each op is timed through its public function
 (the plan of its input signature; in eager inference the outputs' allocation and the launch, else the custom op)
-and as the bare ``torch.ops.motus_fast.*`` call, with grad mode on and off. Triton's launch binding (many arguments per kernel) is not in these numbers: time it on a GPU. Shapes:
+and as the bare ``torch.ops.motus_fast.*`` call, with grad mode on and off. Triton's launch binding (many
+arguments per kernel) is not in these numbers: time it on a GPU. Shapes:
 motus-8b inference, B=1 (360 video + 21 action + 150 und tokens, 24 heads x 128, width 3072), fp16 tensors on the
 first CUDA device if there is one, else on the CPU under the Triton interpreter.
 

@@ -65,7 +65,13 @@ def layer_norm(x: Tensor, eps: float) -> Tensor:
 def adaln_modulate(x: Tensor, shift: Optional[Tensor], scale: Optional[Tensor], eps: float,
                    norm: str = "layer") -> Tensor:
     """x: [B, L, D] (or [T, D] without modulation); shift/scale: [B|1, 1|L, D] or both None -> h like x."""
-    return _call("adaln_modulate", x, None, None, shift, scale, eps, norm)[1]
+    if not eager_call():
+        return _plan("adaln_modulate", x, None, None, shift, scale, eps, norm)(x, None, None, shift, scale)[1]
+    # the plan of this input signature: checks, backend choice and launch arguments, built once
+    grad = torch.is_grad_enabled()
+    key = ("adaln_modulate", norm, eps, grad, backend_setting(), signature(grad, x, shift, scale))
+    run = _PLANS.get(key) or _PLANS.put(key, _plan("adaln_modulate", x, None, None, shift, scale, eps, norm))
+    return run(x, None, None, shift, scale)[1]
 
 
 @annotate("motus_fast.gated_residual_adaln")
@@ -73,22 +79,15 @@ def gated_residual_adaln(x: Tensor, y: Tensor, gate: Optional[Tensor], shift: Op
                          scale: Optional[Tensor], eps: float, norm: str = "layer") -> tuple[Tensor, Tensor]:
     """x' = x + y * gate (gate None: x + y); h = N(x') * (1 + scale) + shift. x, y: [B, L, D] (or [T, D] without
     gate/modulation); gate/shift/scale: [B|1, 1|L, D] or None. Returns (x', h)."""
-    return _call("gated_residual_adaln", x, y, gate, shift, scale, eps, norm)
+    if not eager_call():
+        return _plan("gated_residual_adaln", x, y, gate, shift, scale, eps, norm)(x, y, gate, shift, scale)
+    grad = torch.is_grad_enabled()
+    key = ("gated_residual_adaln", norm, eps, grad, backend_setting(), signature(grad, x, y, gate, shift, scale))
+    run = _PLANS.get(key) or _PLANS.put(key, _plan("gated_residual_adaln", x, y, gate, shift, scale, eps, norm))
+    return run(x, y, gate, shift, scale)
 
 
 _PLANS = PlanCache()
-
-
-def _call(op, x, y, gate, shift, scale, eps, norm):
-    """Run `op` through the plan of this input signature (checks, backend choice and launch built once)."""
-    if not eager_call():
-        return _plan(op, x, y, gate, shift, scale, eps, norm)(x, y, gate, shift, scale)
-    grad = torch.is_grad_enabled()
-    key = (op, norm, eps, grad, backend_setting(), signature(grad, x, y, gate, shift, scale))
-    run = _PLANS.get(key)
-    if run is None:
-        run = _PLANS.put(key, _plan(op, x, y, gate, shift, scale, eps, norm))
-    return run(x, y, gate, shift, scale)
 
 
 def _plan(op, x, y, gate, shift, scale, eps, norm):
