@@ -162,8 +162,8 @@ def _forward(x, y, gate, shift, scale, eps, rms):
     launch = _LAUNCHES.get(key)
     if launch is None:
         launch = _LAUNCHES.put(key, _launcher(x, y, gate, shift, scale, eps, rms))
-    h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    x_out = None if y is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    h = torch.empty(*x.shape, dtype=x.dtype, device=x.device)
+    x_out = None if y is None else torch.empty(*x.shape, dtype=x.dtype, device=x.device)
     launch(x, y, gate, shift, scale, x_out, h)
     return x_out, h
 
@@ -250,7 +250,7 @@ def _adaln_backward_op(xr: Tensor, y: Optional[Tensor], gate: Optional[Tensor], 
     f32 = dict(dtype=torch.float32, device=xr.device)
     token_grad = lambda t: None if t is None else (                     # noqa: E731
         torch.empty(B, L, D, **f32) if per_token else torch.zeros(B, tiling[2], D, **f32))
-    dx = torch.empty(xr.shape, dtype=xr.dtype, device=xr.device)
+    dx = torch.empty(*xr.shape, dtype=xr.dtype, device=xr.device)
     dy = None if y is None else torch.empty_like(dx)
     dgate = token_grad(gate)
     dshift, dscale = token_grad(scale), token_grad(scale)

@@ -238,9 +238,9 @@ def _qk_norm_rope_op(q: list[Tensor], k: list[Tensor], weight_q: list[Tensor], w
 
     width = k[0].shape[-1]
     slots = _slots(q, k, weight_q, weight_k, has_q, cos, sin, eps)
-    q_out = [torch.empty(t.shape, dtype=_out_dtype(t, w), device=t.device) if h else k[0].new_empty(0)
+    q_out = [torch.empty(*t.shape, dtype=_out_dtype(t, w), device=t.device) if h else k[0].new_empty(0)
              for t, w, h in zip(q, weight_q, has_q)]
-    k_out = [torch.empty(t.shape, dtype=_out_dtype(t, w), device=t.device) for t, w in zip(k, weight_k)]
+    k_out = [torch.empty(*t.shape, dtype=_out_dtype(t, w), device=t.device) for t, w in zip(k, weight_k)]
     for s, qo, ko in zip(slots, q_out, k_out):
         s["qo"], s["ko"] = (None if s["q"] is None else qo.view(-1, width)), ko.view(-1, width)
     for g in range(0, len(slots), GROUP):
@@ -268,8 +268,8 @@ def _qk_norm_rope_backward_op(q: list[Tensor], k: list[Tensor], weight_q: list[T
     width = k[0].shape[-1]
     slots = _slots(q, k, weight_q, weight_k, has_q, cos, sin, eps)
     empty = lambda: k[0].new_empty(0)                                  # noqa: E731  (outputs must not alias)
-    dq = [torch.empty(t.shape, dtype=t.dtype, device=t.device) if h else empty() for t, h in zip(q, has_q)]
-    dk = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in k]
+    dq = [torch.empty(*t.shape, dtype=t.dtype, device=t.device) if h else empty() for t, h in zip(q, has_q)]
+    dk = [torch.empty(*t.shape, dtype=t.dtype, device=t.device) for t in k]
     for e, s in enumerate(slots):
         s["dko"], s["dk"] = _rows(dk_out[e], width).contiguous(), dk[e].view(-1, width)
         if s["q"] is not None:
