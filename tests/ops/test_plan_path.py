@@ -14,6 +14,7 @@ from kernel_checks import DEVICE, interpreted
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from motus_fast.ops import adaln as adaln_ops
+from motus_fast.ops.flow_step import euler_step_reference
 from motus_fast.ops import (ExpertQK, adaln_modulate, euler_step, gated_residual_adaln, joint_attention,
                             qk_norm_rope)
 
@@ -106,18 +107,23 @@ def test_fast_path_and_custom_op_give_the_same_bits(name, triton_backend):
         assert torch.equal(w, a) and torch.equal(w, g.detach())
 
 
-def test_euler_step_fast_path_is_the_custom_op(triton_backend):
+@pytest.mark.parametrize("layout", ["frame slice", "transposed frames"])
+def test_euler_step_fast_path_is_the_custom_op(layout, triton_backend):
     lat, vel = mk(2, 4, 3, 2, 5, seed=1), mk(2, 4, 3, 2, 5, seed=2)
     act, vact = mk(2, 16, 14, seed=3), mk(2, 16, 14, seed=4)
-    cond = mk(2, 4, 3, 2, 5, seed=5)[:, :, :1]               # a frame slice: read through its strides
+    if layout == "frame slice":                              # read through its strides
+        cond = mk(2, 4, 3, 2, 5, seed=5)[:, :, :2]
+    else:                                                    # frames not contiguous: copied per call
+        cond = mk(2, 4, 2, 5, 2, seed=5).transpose(3, 4)
     dt = torch.tensor([-0.1, -0.2], device=DEVICE)
     with CustomOpCalls() as fast:
         want = euler_step([lat, act], [vel, vact], dt, [cond, None])
     assert fast.names == []
     got = torch.ops.motus_fast.euler_step([lat, act], [vel, vact], dt, [cond, None])
-    for w, g in zip(want, got):
+    for w, g, r in zip(want, got, euler_step_reference([lat, act], [vel, vact], dt, [cond, None])):
         assert torch.equal(w, g)
-    assert torch.equal(want[0][:, :, :1], cond)             # the condition frame re-clamped
+        torch.testing.assert_close(w, r)
+    assert torch.equal(want[0][:, :, :2], cond)             # the condition frames re-clamped exactly
 
 
 def test_a_new_signature_is_checked_again(triton_backend):
