@@ -1,6 +1,7 @@
 """Host time per call of the public ops, and of the bare custom ops beneath them, with the kernels stubbed out.
 
     python -m bench.host_overhead            # any machine: every Triton launch is stubbed out
+    python -m bench.host_overhead --profile  # also where each public op's time goes (cProfile, no grad)
 
 At inference shapes a kernel takes tens of microseconds on an H100, so the Python around it decides the speed of
 eager code. This times that host work, minus Triton's own launch path: each `kernel[grid](...)` is replaced by a
@@ -153,16 +154,37 @@ def best_per_call_us(fns: dict, iters: int, repeats: int) -> dict:
     return {name: us * 1e6 for name, us in best.items()}
 
 
+def profile(name: str, fn, calls: int, top: int = 12) -> None:
+    """cProfile of `calls` calls of fn: the functions with the most own time (the profiler inflates the small
+    ones; read the shares, not the microseconds)."""
+    import cProfile
+    import pstats
+
+    def loop():
+        for _ in range(calls):
+            fn()
+    fn()
+    prof = cProfile.Profile()
+    prof.runcall(loop)
+    print(f"---- {name}: {calls} calls")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=100, help="calls per timed batch")
     ap.add_argument("--repeats", type=int, default=20, help="rounds; each function reports its best batch")
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of each public op (no grad) first")
     args = ap.parse_args(argv)
     device, dtype = ("cuda", torch.float16) if ON_GPU else ("cpu", torch.float16)
     rows = []
     with backend("triton"), stubbed_launches():
         ops, theirs = calls(device, dtype), torch_calls()
+        if args.profile:
+            with torch.no_grad():
+                for name, (public, _) in ops.items():
+                    profile(name, public, 20 * args.iters)
         fns = dict(theirs)
         for name, (public, bare) in ops.items():
             fns[name], fns[name + " (bare)"] = public, bare
