@@ -15,6 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from motus_fast.kernels import constexpr_order
 from motus_fast.kernels.compile_check import kernel_signature
 
 
@@ -150,9 +151,8 @@ def euler_launcher(streams, dt_stride: int):
     sizes = [(*layout, Tc, *strides) for B, layout, has_cond, Tc, strides in streams] + [(1, 1, 1, 0, 0, 0, 0)] * (
         MAX_STREAMS - n)
     has_cond = [s[2] for s in streams] + [False] * (MAX_STREAMS - n)
-    grid, consts = (sum(progs),), dict(NUM_STREAMS=n, HAS_COND0=has_cond[0], HAS_COND1=has_cond[1], BLOCK=BLOCK,
-                                       num_warps=4)
-
+    consts = dict(NUM_STREAMS=n, HAS_COND0=has_cond[0], HAS_COND1=has_cond[1], BLOCK=BLOCK)
+    grid, tail = (sum(progs),), (dt_stride, progs[0], *(consts[name] for name in _EULER_CONSTEXPRS))
     c0, c1 = has_cond[0], has_cond[1]
     s0, s1 = sizes[0], sizes[1]
 
@@ -160,8 +160,11 @@ def euler_launcher(streams, dt_stride: int):
         x0 = xs[0]
         x1, v1, o1, cond1 = (xs[1], vs[1], outs[1], conds[1] if c1 else xs[1]) if n > 1 else (x0, x0, x0, x0)
         euler_step_kernel[grid](x0, vs[0], conds[0] if c0 else x0, outs[0], *s0, x1, v1, cond1, o1, *s1,
-                                dt, dt_stride, progs[0], **consts)
+                                dt, *tail, num_warps=4)
     return launch
+
+
+_EULER_CONSTEXPRS = constexpr_order(euler_step_kernel, 4)
 
 
 # ---- sm_90 compile targets (tests/kernels/test_compile_fused.py) --------------------------------------------------
