@@ -285,8 +285,9 @@ def run(shapes, modes, warmup: int, iters: int, dtype) -> list[dict]:
     return rows
 
 
-def sweep(shape: Shape, warmup: int, iters: int, dtype, kernels=("fwd", "dkdv", "dq")) -> list[dict]:
-    """Time alternative tile configurations of our kernels (GPU): to retune kernels/joint_attention.py."""
+def sweep(shape: Shape, warmup: int, iters: int, dtype, kernels=("fwd", "dkdv", "dq", "hopper")) -> list[dict]:
+    """Time alternative tile configurations of our kernels (GPU): to retune kernels/joint_attention.py and
+    kernels/joint_attention_hopper.py (kind ``hopper``: the Hopper forward, on sm_90 only)."""
     from motus_fast.kernels.joint_attention import (AttentionConfig, BlockConfig, attention_backward,
                                                      attention_forward, default_config, visibility_bits)
 
@@ -300,6 +301,15 @@ def sweep(shape: Shape, warmup: int, iters: int, dtype, kernels=("fwd", "dkdv", 
     scale = 1 / math.sqrt(shape.head_dim)
     out, lse = attention_forward(p.q, p.k, p.v, p.cu, p.cu, bounds, visible_bits=bits, softmax_scale=scale)
     rows = []
+
+    def timed(row, fn):
+        try:
+            row["median_ms"] = time_fn(fn, warmup=warmup, iters=iters)["median_ms"]
+        except Exception as ex:                              # e.g. out of shared memory: say so
+            row["error"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:120]}"
+        rows.append(row)
+        print(row)
+
     for kind, tiles in (("fwd", fwd_tiles), ("dkdv", dkdv_tiles), ("dq", dq_tiles)):
         if kind not in kernels:
             continue
@@ -313,14 +323,18 @@ def sweep(shape: Shape, warmup: int, iters: int, dtype, kernels=("fwd", "dkdv", 
             else:
                 fn = lambda: attention_backward(p.do, p.q, p.k, p.v, out, lse, p.cu, p.cu, bounds,  # noqa: E731
                                                 bounds, visible_bits=bits, softmax_scale=scale, config=cfg)
-            row = dict(shape=shape.name, kernel=kind, tile="%dx%d w%d s%d" % tile,
-                       default=(blocks == getattr(base, kind)))
-            try:
-                row["median_ms"] = time_fn(fn, warmup=warmup, iters=iters)["median_ms"]
-            except Exception as ex:                              # e.g. out of shared memory: say so
-                row["error"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:120]}"
-            rows.append(row)
-            print(row)
+            timed(dict(shape=shape.name, kernel=kind, tile="%dx%d w%d s%d" % tile,
+                       default=(blocks == getattr(base, kind))), fn)
+    if "hopper" in kernels and torch.cuda.get_device_capability()[0] == 9:
+        from motus_fast.kernels import joint_attention_hopper as JH
+
+        base_h = JH.default_config(shape.head_dim, dtype)
+        for tile in [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3)]:
+            cfg_h = JH.HopperConfig(*tile)
+            fn = lambda: JH.attention_forward(p.q, p.k, p.v, p.cu, p.cu, bounds, visible_bits=bits,  # noqa: E731
+                                              softmax_scale=scale, config=cfg_h)
+            timed(dict(shape=shape.name, kernel="hopper fwd", tile="%dx%d w%d s%d" % tile,
+                       default=(cfg_h == base_h)), fn)
     return rows
 
 
@@ -347,7 +361,7 @@ def tune(shapes, warmup: int, iters: int, dtype, table_path) -> list[dict]:
             key = AD.table_key("joint_attention", device, dtype, cls)
             timed = {}
             for cand in AD.CANDIDATES:
-                why = AD.runnable(cand, device, cls)
+                why = AD.runnable(cand, device, cls, inputs=(p.q, p.k, p.v))
                 if why is None and cand == "triton" and not JA._triton_can_run(p.k[0], 3):
                     why = "our kernel does not run on these tensors"
                 if why is not None:
@@ -438,6 +452,9 @@ def _candidate_call(candidate: str, p: Problem, visible, bounds) -> Callable[[],
     """Inference forward (no grad) of one auto candidate, or of auto itself, through the public op."""
     from motus_fast.ops import attention_dispatch as AD
 
+    if candidate == "triton_hopper":     # no MOTUS_BACKEND names it: auto with a table that picks it for this key
+        return _auto_with_choice(candidate, p, visible, bounds)
+
     def fwd():
         with torch.no_grad():
             if candidate == "flash_attn":
@@ -449,6 +466,42 @@ def _candidate_call(candidate: str, p: Problem, visible, bounds) -> Callable[[],
     return fwd
 
 
+def _auto_with_choice(candidate: str, p: Problem, visible, bounds) -> Callable[[], object]:
+    """The public op under MOTUS_BACKEND=auto with a one-entry table naming `candidate` for this call's key, so the
+    candidate is timed with the same host path as the others. The table only matters when the plan is built (the
+    first call, made here); later calls reuse that plan."""
+    import json
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from motus_fast.ops import attention_dispatch as AD
+
+    JA = sys.modules["motus_fast.ops.joint_attention"]
+    key = AD.table_key("joint_attention", p.k[0].device, p.k[0].dtype, AD.shape_class(visible, bounds))
+    path = Path(tempfile.gettempdir()) / f"motus_attention_table_{candidate}.json"
+    path.write_text(json.dumps({"entries": [dict(zip(("op", "capability", "dtype", "shape_class"), key),
+                                                 choice=candidate)]}))
+
+    def fwd():
+        with torch.no_grad(), backend("auto"):
+            joint_attention(p.q, p.k, p.v, p.cu, visible, max_seqlens=bounds)
+
+    saved = os.environ.get(AD.TABLE_ENV)
+    os.environ[AD.TABLE_ENV] = str(path)
+    AD.load_table.cache_clear()
+    JA._PLANS.clear()
+    try:
+        fwd()                                # builds (and caches) the plan with the one-entry table
+    finally:
+        if saved is None:
+            os.environ.pop(AD.TABLE_ENV)
+        else:
+            os.environ[AD.TABLE_ENV] = saved
+        AD.load_table.cache_clear()
+    return fwd
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=None, help="comma list of shape names (default: all for this device)")
@@ -457,7 +510,7 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=50 if ON_GPU else 3)
     ap.add_argument("--sweep", action="store_true", help="GPU: also time alternative tile configurations")
     ap.add_argument("--sweep-only", action="store_true", help="GPU: only the tile sweep (no comparison table)")
-    ap.add_argument("--sweep-kernels", default="fwd,dkdv,dq", help="which kernels the sweep retiles")
+    ap.add_argument("--sweep-kernels", default="fwd,dkdv,dq,hopper", help="which kernels the sweep retiles")
     ap.add_argument("--tune", action="store_true", help="time the auto candidates, write the dispatch table")
     ap.add_argument("--profile", action="store_true", help="torch-profiler trace and per-kernel table")
     ap.add_argument("--table", default=None, help="where --tune writes the table (default: the one auto reads)")

@@ -1,12 +1,14 @@
 """Host time per call of the public ops, and of the bare custom ops beneath them, with the kernels stubbed out.
 
     python -m bench.host_overhead            # any machine: every Triton launch is stubbed out
+    python -m bench.host_overhead --profile  # also where each public op's time goes (cProfile, no grad)
 
 At inference shapes a kernel takes tens of microseconds on an H100, so the Python around it decides the speed of
 eager code. This times that host work, minus Triton's own launch path: each `kernel[grid](...)` is replaced by a
 no-op (no kernel runs, on CPU or GPU; the outputs are garbage). Each op is timed through its public function
-(input checks, backend choice, the custom op) and as the bare ``torch.ops.motus_fast.*`` call, with grad mode on
-and off. Triton's launch binding (many arguments per kernel) is not in these numbers: time it on a GPU. Shapes:
+(the plan of its input signature; in eager inference the outputs' allocation and the launch, else the custom op)
+and as the bare ``torch.ops.motus_fast.*`` call, with grad mode on and off. Triton's launch binding (many
+arguments per kernel) is not in these numbers: time it on a GPU. Shapes:
 motus-8b inference, B=1 (360 video + 21 action + 150 und tokens, 24 heads x 128, width 3072), fp16 tensors on the
 first CUDA device if there is one, else on the CPU under the Triton interpreter.
 
@@ -15,13 +17,28 @@ Next to each op, in the same run, the torch op it stands in for: ``scaled_dot_pr
 one token, 16 features) that its compute is negligible: what remains is the Python binding, the dispatcher, the
 kernel selection and the output allocation. (Meta tensors are no good for this: torch's meta kernels for these ops
 are Python decompositions, 100x slower than the real dispatch.) Goal: public op <= 1.5x its torch counterpart.
+
+qk_norm_rope is compared with six layer_norm calls, timed as such: one launch of it produces six tensors (q and k
+of three experts), each of which torch makes with at least one op of its own (an RMSNorm; the video expert's RoPE
+adds more); the ratio against a single layer_norm is reported too ("public / torch x1"), for every op.
+
+Measurement: every function (ours and torch's) is timed in the same rounds, interleaved, as batches of `--iters`
+calls; each reports its best batch over `--repeats` rounds (on a shared machine the least disturbed estimate, and
+both sides see the same disturbances). Two things of the CPU stand-in are not host time on a GPU machine and are
+taken out: arguments (e.g. a frame slice of the latents) are built once, outside the timed call, as for every op;
+and glibc is told (mallopt) to keep freed blocks instead of returning them to the OS, because our ops allocate
+outputs of real size (MBs) where torch's side allocates 64 bytes: without it a freed MB block can be unmapped and
+mapped again on the next call (gated_residual_adaln took 24 us instead of 6.7 us when timed right after
+adaln_modulate), a cost CUDA's caching allocator does not have.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
+import sys
 import time
 
 import torch
@@ -68,6 +85,7 @@ def calls(device: str, dtype: torch.dtype) -> dict:
     shift, scale, gate = mod[:, :, 0], mod[:, :, 1], mod[:, :, 2]
     experts = [ExpertQK(mk(n, W), mk(n, W), mk(W), mk(W), 1e-6) for n in lens]
     lat, vel = mk(1, 48, 3, 24, 20), mk(1, 48, 3, 24, 20)
+    cond = lat[:, :, :1]             # the condition frame: a strided slice, built once like every other argument
     dt = torch.tensor(-0.1, device=device, dtype=dtype)
     op = torch.ops.motus_fast
     return {
@@ -83,8 +101,8 @@ def calls(device: str, dtype: torch.dtype) -> dict:
             lambda: op.qk_norm_rope([e.q for e in experts], [e.k for e in experts], [e.weight_q for e in experts],
                                     [e.weight_k for e in experts], [True] * 3, [None] * 3, [None] * 3, [1e-6] * 3,
                                     D)),
-        "euler_step": (lambda: euler_step([lat], [vel], dt, [lat[:, :, :1]]),
-                       lambda: op.euler_step([lat], [vel], dt, [lat[:, :, :1]])),
+        "euler_step": (lambda: euler_step([lat], [vel], dt, [cond]),
+                       lambda: op.euler_step([lat], [vel], dt, [cond])),
     }
 
 
@@ -93,57 +111,114 @@ def torch_calls() -> dict:
     import torch.nn.functional as F
 
     q, x = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 16)
+
+    def layer_norm_x6():
+        for _ in range(6):
+            F.layer_norm(x, x.shape[-1:], eps=1e-6)
     return {"sdpa": lambda: F.scaled_dot_product_attention(q, q, q),
-            "layer_norm": lambda: F.layer_norm(x, x.shape[-1:], eps=1e-6)}
+            "layer_norm": lambda: F.layer_norm(x, x.shape[-1:], eps=1e-6),
+            "layer_norm x6": layer_norm_x6}
 
 
-COUNTERPART = {"joint_attention": "sdpa"}   # the others: layer_norm
+# the torch op each public op is held against (see the module docstring), and the single op behind it
+COUNTERPART = {"joint_attention": "sdpa", "qk_norm_rope (3 experts)": "layer_norm x6"}   # the others: layer_norm
+SINGLE = {"layer_norm x6": "layer_norm"}
 
 
-def per_call_us(fn, iters: int, repeats: int = 5) -> float:
-    """Mean host time per call over `iters` calls, the best of `repeats` such runs: on a shared machine the
-    minimum is the least disturbed estimate, and both sides of the comparison get the same treatment."""
-    for _ in range(max(3, iters // 10)):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(iters):
+def keep_freed_host_memory() -> bool:
+    """mallopt: serve large CPU allocations from the heap and never trim it (see the module docstring). Linux/glibc
+    only; False where it could not be set."""
+    if ON_GPU or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 25) and libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
+
+
+def best_per_call_us(fns: dict, iters: int, repeats: int) -> dict:
+    """name -> host us per call: the best batch of `iters` calls over `repeats` rounds, all functions interleaved
+    in every round."""
+    for fn in fns.values():
+        for _ in range(max(3, iters // 10)):
             fn()
-        best = min(best, (time.perf_counter() - t) / iters)
-    return best * 1e6
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t) / iters)
+    return {name: us * 1e6 for name, us in best.items()}
+
+
+def profile(name: str, fn, calls: int, top: int = 12) -> None:
+    """cProfile of `calls` calls of fn: the functions with the most own time (the profiler inflates the small
+    ones; read the shares, not the microseconds)."""
+    import cProfile
+    import pstats
+
+    def loop():
+        for _ in range(calls):
+            fn()
+    fn()
+    prof = cProfile.Profile()
+    prof.runcall(loop)
+    print(f"---- {name}: {calls} calls")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--iters", type=int, default=100, help="calls per timed batch")
+    ap.add_argument("--repeats", type=int, default=20, help="rounds; each function reports its best batch")
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of each public op (no grad) first")
     args = ap.parse_args(argv)
     device, dtype = ("cuda", torch.float16) if ON_GPU else ("cpu", torch.float16)
     rows = []
     with backend("triton"), stubbed_launches():
         ops, theirs = calls(device, dtype), torch_calls()
+        if args.profile:
+            with torch.no_grad():
+                for name, (public, _) in ops.items():
+                    profile(name, public, 20 * args.iters)
+        fns = dict(theirs)
+        for name, (public, bare) in ops.items():
+            fns[name], fns[name + " (bare)"] = public, bare
         # grad mode on (a plain script; no input needs grad) and off (torch.no_grad, as the inference engine)
         for grad_mode in (True, False):
             with torch.set_grad_enabled(grad_mode):
-                torch_us = {n: per_call_us(fn, args.iters) for n, fn in theirs.items()}
-                for name, (public, bare) in ops.items():
-                    p, b = per_call_us(public, args.iters), per_call_us(bare, args.iters)
-                    other = COUNTERPART.get(name, "layer_norm")
-                    rows.append({"op": name, "grad mode": grad_mode, "public op us": p, "bare custom op us": b,
-                                 "torch op": other, "torch op us": torch_us[other],
-                                 "public / torch": p / torch_us[other]})
-                    print(f"{name:>26} grad={grad_mode!s:5}: public {p:7.1f} us   bare custom op {b:7.1f} us   "
-                          f"torch {other} {torch_us[other]:6.1f} us   ratio {p / torch_us[other]:5.2f}", flush=True)
-    write_results("host_overhead", rows, ["op", "grad mode", "public op us", "bare custom op us", "torch op", "torch op us",
-                   "public / torch"],
+                us = best_per_call_us(fns, args.iters, args.repeats)
+            for name in ops:
+                p, b = us[name], us[name + " (bare)"]
+                other = COUNTERPART.get(name, "layer_norm")
+                single = SINGLE.get(other, other)
+                rows.append({"op": name, "grad mode": grad_mode, "public op us": p, "bare custom op us": b,
+                             "torch op": other, "torch op us": us[other], "public / torch": p / us[other],
+                             "public / torch x1": p / us[single]})
+                print(f"{name:>26} grad={grad_mode!s:5}: public {p:7.1f} us   bare custom op {b:7.1f} us   "
+                      f"torch {other} {us[other]:6.1f} us   ratio {p / us[other]:5.2f} "
+                      f"(x1 {p / us[single]:5.2f})", flush=True)
+    write_results("host_overhead", rows, ["op", "grad mode", "public op us", "bare custom op us", "torch op",
+                                          "torch op us", "public / torch", "public / torch x1"],
                   notes="Host time per call with every Triton launch stubbed out (no kernel runs, Triton's launch "
                         "binding excluded). Public op: what a caller pays (checks and launch plan cached per input "
                         "signature; no dispatcher when no gradient is needed); bare: the torch.ops.motus_fast.* "
                         "custom op (the torch.compile / autograd path). Torch op: its host time on CPU tensors of "
-                        "1x1x16 (compute negligible), same run. Shapes: motus-8b inference, B=1, "
-                        f"{dtype}, {device}.", out_dir=args.out_dir)
+                        "1x1x16 (compute negligible), same run, interleaved; 'layer_norm x6' (qk_norm_rope's "
+                        "counterpart) is six calls, one per tensor the op produces; 'public / torch x1' is the ratio "
+                        "to a single sdpa / layer_norm call. Best batch of "
+                        f"{args.iters} calls over {args.repeats} rounds. Freed host memory kept by malloc: "
+                        f"{HEAP_KEPT} (see bench/host_overhead.py). Shapes: motus-8b inference, B=1, {dtype}, "
+                        f"{device}.", out_dir=args.out_dir)
 
+
+HEAP_KEPT = False   # set by the command line only: mallopt lasts for the whole process (a test calling main keeps
+                    # its allocator as it is)
 
 if __name__ == "__main__":
+    HEAP_KEPT = keep_freed_host_memory()
     main()

@@ -23,6 +23,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def constexpr_order(kernel, count: int) -> tuple[str, ...]:
+    """The names of `kernel`'s last `count` parameters (its constexprs), in order: launchers pass them positionally,
+    which spares building keyword arguments on every launch. Read once, at import (tests may swap a kernel object
+    for a counting wrapper later)."""
+    return tuple(kernel.arg_names[len(kernel.arg_names) - count:])
+
+
 def patch_interpreter_bf16_dot() -> None:
     """Triton's interpreter (3.7-3.9) runs np.matmul on bf16's uint16 storage; upcast bf16 operands to fp32."""
     import numpy as np

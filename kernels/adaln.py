@@ -18,6 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from motus_fast.kernels import constexpr_order
 from motus_fast.kernels.compile_check import kernel_signature
 
 
@@ -185,14 +186,18 @@ def forward_launcher(shape: tuple[int, int, int], strides: tuple[int, ...], has_
     if B == 0 or progs == 0:
         return lambda *tensors: None
     block = _block_d(D)
-    grid, scalars = (progs, B), (L, D, tiles, eps, *strides)
     consts = dict(HAS_RESIDUAL=has_residual, HAS_GATE=has_gate, HAS_MOD=has_mod, PER_TOKEN=per_token, RMS=rms,
-                  BLOCK_R=block_r, BLOCK_D=block, num_warps=_warps(block_r * block))
+                  BLOCK_R=block_r, BLOCK_D=block)
+    grid, scalars = (progs, B), (L, D, tiles, eps, *strides, *(consts[n] for n in _FWD_CONSTEXPRS))
+    warps = _warps(block_r * block)
 
-    def launch(x, y, gate, shift, scale, x_out, h):
-        adaln_fwd_kernel[grid](x, _or(y, x), _or(gate, x), _or(shift, x), _or(scale, x), _or(x_out, x), h,
-                               *scalars, **consts)
+    def launch(x, y, gate, shift, scale, x_out, h):   # absent tensors: x in their (unread) slots
+        adaln_fwd_kernel[grid](x, y if has_residual else x, gate if has_gate else x, shift if has_mod else x,
+                               scale if has_mod else x, x_out if has_residual else x, h, *scalars, num_warps=warps)
     return launch
+
+
+_FWD_CONSTEXPRS = constexpr_order(adaln_fwd_kernel, 7)
 
 
 def strides_of(L: int, *tensors) -> tuple[int, ...]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from motus_fast.kernels import constexpr_order
 from motus_fast.kernels.compile_check import kernel_signature
 
 
@@ -64,7 +65,7 @@ def masked_sq_err_bwd_kernel(PRED, TARGET, COEF, GRAD, DPRED, per_sample, T, S, 
 
 
 @triton.jit
-def _euler_stream(X, V, COND, OUT, DT, dt_stride, prog, per_sample, T, S, Tc,
+def _euler_stream(X, V, COND, OUT, DT, dt_stride, prog, per_sample, T, S, Tc, cs_b, cs_c, cs_f,
                   HAS_COND: tl.constexpr, BLOCK: tl.constexpr):
     """Program `prog` of this stream: block prog % blocks of sample prog // blocks (int32 offsets in a sample)."""
     blocks = tl.cdiv(per_sample, BLOCK)
@@ -78,16 +79,17 @@ def _euler_stream(X, V, COND, OUT, DT, dt_stride, prog, per_sample, T, S, Tc,
     if HAS_COND:
         f = (i // S) % T
         clean = mask & (f < Tc)
-        # condition [B, C, Tc, S]: channel i // (T*S), frame f, position i % S
-        c_off = b.to(tl.int64) * (per_sample // T) * Tc + ((i // (T * S)) * Tc + f) * S + i % S
+        # condition [B, C, Tc, S] with strides (cs_b, cs_c, cs_f, 1) (e.g. a frame slice of the latents):
+        # channel i // (T*S), frame f, position i % S
+        c_off = b.to(tl.int64) * cs_b + (i // (T * S)) * cs_c + f * cs_f + i % S
         x = tl.where(clean, tl.load(COND + c_off, mask=clean, other=0.0).to(tl.float32), x)
     tl.store(OUT + base + i, x.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def euler_step_kernel(
-    X0, V0, COND0, OUT0, per_sample0, T0, S0, Tc0,
-    X1, V1, COND1, OUT1, per_sample1, T1, S1, Tc1,
+    X0, V0, COND0, OUT0, per_sample0, T0, S0, Tc0, cs_b0, cs_c0, cs_f0,
+    X1, V1, COND1, OUT1, per_sample1, T1, S1, Tc1, cs_b1, cs_c1, cs_f1,
     DT, dt_stride, start1,
     NUM_STREAMS: tl.constexpr, HAS_COND0: tl.constexpr, HAS_COND1: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -95,11 +97,12 @@ def euler_step_kernel(
     """1-D grid: the programs of stream 0 (B x blocks per sample), then those of stream 1."""
     pid = tl.program_id(0)
     if pid < start1:
-        _euler_stream(X0, V0, COND0, OUT0, DT, dt_stride, pid, per_sample0, T0, S0, Tc0, HAS_COND0, BLOCK)
+        _euler_stream(X0, V0, COND0, OUT0, DT, dt_stride, pid, per_sample0, T0, S0, Tc0, cs_b0, cs_c0, cs_f0,
+                      HAS_COND0, BLOCK)
     else:
         if NUM_STREAMS > 1:
-            _euler_stream(X1, V1, COND1, OUT1, DT, dt_stride, pid - start1, per_sample1, T1, S1, Tc1, HAS_COND1,
-                          BLOCK)
+            _euler_stream(X1, V1, COND1, OUT1, DT, dt_stride, pid - start1, per_sample1, T1, S1, Tc1,
+                          cs_b1, cs_c1, cs_f1, HAS_COND1, BLOCK)
 
 
 # ---- launchers ---------------------------------------------------------------------------------------------
@@ -135,29 +138,33 @@ def masked_sq_err_backward(pred, target, coef, grad, d_pred, per_sample: int, T:
 
 
 def euler_launcher(streams, dt_stride: int):
-    """streams: up to two (shape, has_cond, Tc) of contiguous latents viewed as [B, per_sample] with T frames of S
-    (see _layout in motus_fast/ops/flow_step.py: (per_sample, T, S)). Returns launch(xs, vs, conds, outs, dt), the
-    launch arguments computed once."""
+    """streams: up to two (B, (per_sample, T, S), has_cond, Tc, cond strides) of contiguous latents viewed as
+    [B, per_sample] with T frames of S (see _layout in motus_fast/ops/flow_step.py); cond strides: the (batch,
+    channel, frame) strides of the condition, whose frames are contiguous. Returns launch(xs, vs, conds, outs, dt),
+    the launch arguments computed once."""
     if len(streams) > MAX_STREAMS:
         raise ValueError(f"euler_step takes at most {MAX_STREAMS} streams in one launch, got {len(streams)}")
-    progs = [B * _cdiv(per_sample, BLOCK) for B, (per_sample, T, S), has_cond, Tc in streams]
+    progs = [B * _cdiv(per_sample, BLOCK) for B, (per_sample, T, S), has_cond, Tc, strides in streams]
     if sum(progs) == 0:
         return lambda xs, vs, conds, outs, dt: None
     n = len(streams)
-    sizes = [(*layout, Tc) for B, layout, has_cond, Tc in streams] + [(1, 1, 1, 0)] * (MAX_STREAMS - n)
+    sizes = [(*layout, Tc, *strides) for B, layout, has_cond, Tc, strides in streams] + [(1, 1, 1, 0, 0, 0, 0)] * (
+        MAX_STREAMS - n)
     has_cond = [s[2] for s in streams] + [False] * (MAX_STREAMS - n)
-    grid, consts = (sum(progs),), dict(NUM_STREAMS=n, HAS_COND0=has_cond[0], HAS_COND1=has_cond[1], BLOCK=BLOCK,
-                                       num_warps=4)
+    consts = dict(NUM_STREAMS=n, HAS_COND0=has_cond[0], HAS_COND1=has_cond[1], BLOCK=BLOCK)
+    grid, tail = (sum(progs),), (dt_stride, progs[0], *(consts[name] for name in _EULER_CONSTEXPRS))
+    c0, c1 = has_cond[0], has_cond[1]
+    s0, s1 = sizes[0], sizes[1]
 
-    def launch(xs, vs, conds, outs, dt):
-        args = []
-        for i in range(MAX_STREAMS):
-            if i < n:
-                args += [xs[i], vs[i], conds[i] if has_cond[i] else xs[i], outs[i], *sizes[i]]
-            else:
-                args += [xs[0]] * 4 + list(sizes[i])
-        euler_step_kernel[grid](*args, dt, dt_stride, progs[0], **consts)
+    def launch(xs, vs, conds, outs, dt):   # (MAX_STREAMS = 2) an absent second stream gets stream 0's pointers
+        x0 = xs[0]
+        x1, v1, o1, cond1 = (xs[1], vs[1], outs[1], conds[1] if c1 else xs[1]) if n > 1 else (x0, x0, x0, x0)
+        euler_step_kernel[grid](x0, vs[0], conds[0] if c0 else x0, outs[0], *s0, x1, v1, cond1, o1, *s1,
+                                dt, *tail, num_warps=4)
     return launch
+
+
+_EULER_CONSTEXPRS = constexpr_order(euler_step_kernel, 4)
 
 
 # ---- sm_90 compile targets (tests/kernels/test_compile_fused.py) --------------------------------------------------

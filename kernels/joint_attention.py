@@ -570,7 +570,7 @@ def forward_launcher(q: Sequence[Optional[Tensor]], k: Sequence[Tensor], v: Sequ
     B = cu_k[0].numel() - 1
     bm, bn = config.fwd.block_m, config.fwd.block_n
     has_q = [t is not None for t in q]
-    out_shapes = [None if t is None else t.shape for t in q]
+    out_shapes = [None if t is None else tuple(t.shape) for t in q]   # torch.empty parses a tuple faster
     bits = effective_visibility(visible_bits, has_q)
     nb = [triton.cdiv(max_q[e], bm) if has_q[e] else 0 for e in range(E)]
     grid = (B * sum(nb), H)
@@ -580,6 +580,7 @@ def forward_launcher(q: Sequence[Optional[Tensor]], k: Sequence[Tensor], v: Sequ
     consts = dict(NUM_EXPERTS=E, VISIBLE=bits, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, HEAD_D=D,
                   PRECISION=_precision(dtype), num_warps=config.fwd.num_warps, num_stages=config.fwd.num_stages)
     pad = [None] * (MAX_EXPERTS - E)
+    all_q, first_q = all(has_q), (has_q.index(True) if any(has_q) else 0)
 
     def launch(q, k, v, cu_q, cu_k, out=None, lse=None):
         if out is None:
@@ -588,13 +589,14 @@ def forward_launcher(q: Sequence[Optional[Tensor]], k: Sequence[Tensor], v: Sequ
             lse = [None if s is None else torch.empty(s[:2], dtype=torch.float32, device=device) for s in out_shapes]
         if grid[0] == 0 or H == 0:
             return out, lse
-        # experts without queries still need pointers of the right type in the q/out/lse slots; never read
-        spare = None if all(has_q) else torch.empty(0, dtype=torch.float32, device=device)
-        _fwd_kernel[grid](
-            *[q[e] if has_q[e] else k[e] for e in range(E)], *pad, *k, *pad, *v, *pad,
-            *[out[e] if has_q[e] else k[e] for e in range(E)], *pad,
-            *[lse[e] if has_q[e] else spare for e in range(E)], *pad, *cu_q, *pad, *cu_k, *pad,
-            *scalars, **consts)
+        qs, outs, lses = q, out, lse
+        if not all_q:   # experts without queries still need pointers of the right type in the q/out/lse slots
+            spare = lse[first_q]                   # (never read nor written): another expert's
+            qs = [q[e] if has_q[e] else k[e] for e in range(E)]
+            outs = [out[e] if has_q[e] else k[e] for e in range(E)]
+            lses = [lse[e] if has_q[e] else spare for e in range(E)]
+        _fwd_kernel[grid](*qs, *pad, *k, *pad, *v, *pad, *outs, *pad, *lses, *pad, *cu_q, *pad, *cu_k, *pad,
+                          *scalars, **consts)
         return out, lse
     return launch
 

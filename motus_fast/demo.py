@@ -65,8 +65,11 @@ def run_demo(out: str | Path = "runs/demo", cfg: DemoConfig = DemoConfig()) -> d
     """Run the demo into `out` and return the report dict (also written as report.json)."""
     from motus_fast.envs.metaworld import RenderSettings
 
+    from motus_fast.experiments.toy import provenance
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    prov = provenance(cfg.threads)      # at the start: the code that runs
     torch.set_num_threads(cfg.threads)
     timings: dict[str, float] = {}
     render = RenderSettings(cfg.image_size, cfg.image_size)
@@ -107,7 +110,7 @@ def run_demo(out: str | Path = "runs/demo", cfg: DemoConfig = DemoConfig()) -> d
     report = {"config": dataclasses.asdict(cfg), "data": summary, "timings_s": timings, "eval": evals,
               "server_latency_ms": latency, "training": {k: {"final_loss": float(np.mean(v["loss"][-20:]))}
                                                          for k, v in curves.items()},
-              "imagination": imagination, "checkpoints": {k: str(v) for k, v in ckpts.items()}}
+              "imagination": imagination, "checkpoints": {k: str(v) for k, v in ckpts.items()}, "provenance": prov}
     _write_report(out, report, curves)
     _say(f"report: {out / 'report.md'} and {out / 'report.png'} "
          f"(total {sum(timings.values()) / 60:.1f} min)")
@@ -285,8 +288,11 @@ def _write_report(out: Path, report: dict, curves: dict) -> None:
     fig.savefig(out / "report.png", dpi=100)
     plt.close(fig)
 
-    lines = ["# motus_fast CPU demo", "", "Every number below was measured by this run "
-             f"({time.strftime('%Y-%m-%d %H:%M')}, torch threads: {torch.get_num_threads()}).", "",
+    p = report["provenance"]
+    lines = ["# motus_fast CPU demo", "", "Every number below was measured by this run: commit "
+             f"`{p['commit']}`{' (with uncommitted changes)' if p['dirty'] else ''}, {p['date']}, seed "
+             f"{report['config']['seed']}, torch {p['torch']} ({p['torch_threads']} thread(s)), mujoco {p['mujoco']}, "
+             f"metaworld {p['metaworld']}, numpy {p['numpy']}, python {p['python']}, {p['cpus']} CPUs.", "",
              "## Closed-loop success (Meta-World, held-out seeds)", "",
              "| task | " + " | ".join(ev) + " |", "|---|" + "---|" * len(ev)]
     for t in tasks:

@@ -26,8 +26,6 @@ import dataclasses
 import json
 import logging
 import os
-import platform
-import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -132,9 +130,12 @@ def curve_job_name(cfg: ExperimentConfig, n: int, tag: str, seed: int) -> str:
 
 def run_experiment(out: str | Path, cfg: ExperimentConfig = ExperimentConfig(), progress: bool = True) -> dict:
     """Prepare the data, run every job (resuming finished ones), write the report; returns the report dict."""
+    from motus_fast.experiments.toy import provenance
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    prov = provenance(threads=1)    # at the start: the code that runs, whatever is committed meanwhile
     cfg_path = out / "config.json"
     if cfg_path.is_file() and json.loads(cfg_path.read_text()) != _jsonable(cfg):
         raise ValueError(f"{cfg_path}: this directory holds an experiment with another config; use a new --out "
@@ -145,7 +146,7 @@ def run_experiment(out: str | Path, cfg: ExperimentConfig = ExperimentConfig(), 
     t_prep = time.perf_counter() - t0
     jobs = plan_jobs(cfg)
     results = _run_jobs(out, cfg, jobs, progress)
-    report = build_report(out, cfg, results, {"prepare_s": t_prep, "total_s": time.perf_counter() - t0})
+    report = build_report(out, cfg, results, {"prepare_s": t_prep, "total_s": time.perf_counter() - t0}, prov)
     write_report(out, report)
     _say(f"report: {out / 'report.md'} ({report['timings_s']['total_s'] / 60:.1f} min)")
     return report
@@ -519,7 +520,7 @@ def verdict(a: tuple[int, int], b: tuple[int, int]) -> str:
     return "supported" if wilson_interval(ka, na)[0] > wilson_interval(kb, nb)[1] else "inconclusive"
 
 
-def build_report(out: Path, cfg: ExperimentConfig, results: dict[str, dict], timings: dict) -> dict:
+def build_report(out: Path, cfg: ExperimentConfig, results: dict[str, dict], timings: dict, prov: dict) -> dict:
     from motus_fast.eval.metaworld import wilson_interval
 
     def ci(k, n):
@@ -564,7 +565,7 @@ def build_report(out: Path, cfg: ExperimentConfig, results: dict[str, dict], tim
                              "instruction too)", "full Motus", m, "without the und stream", nu))
     return {"config": _jsonable(cfg), "ablations": ablations, "curve": curve, "claims": claims,
             "latent": {k: v for k, v in results["latent"].items() if k not in ("stage2_curve",)},
-            "modes": results["modes"], "timings_s": timings, "provenance": provenance(),
+            "modes": results["modes"], "timings_s": timings, "provenance": prov,
             "jobs": {k: {"wall_s": v["wall_s"]} for k, v in results.items()}}
 
 
@@ -577,29 +578,6 @@ def _claim(text, name_a, a, name_b, b) -> dict:
     return {"claim": text, "verdict": verdict(a, b),
             "a": {"name": name_a, "successes": a[0], "episodes": a[1], "ci95": list(wilson_interval(*a))},
             "b": {"name": name_b, "successes": b[0], "episodes": b[1], "ci95": list(wilson_interval(*b))}}
-
-
-def provenance() -> dict:
-    """Commit, versions, threads: what a reader needs to reproduce the numbers."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
-
-    def version(dist):
-        try:
-            return dist_version(dist)
-        except PackageNotFoundError:
-            return None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                                cwd=Path(__file__).resolve().parent).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True, cwd=Path(__file__).resolve().parent).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = None, None
-    return {"commit": commit, "dirty": dirty, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "numpy": np.__version__, "mujoco": version("mujoco"),
-            "metaworld": version("metaworld"), "torch_threads_per_job": 1}
 
 
 def write_report(out: Path, report: dict) -> None:
@@ -653,7 +631,7 @@ def report_markdown(report: dict) -> str:
     lines = ["# The paper's findings at toy scale (Meta-World, 2-core CPU)", "",
              f"Commit `{p['commit']}`{' (with uncommitted changes)' if p['dirty'] else ''}, {p['date']}; torch "
              f"{p['torch']}, mujoco {p['mujoco']}, metaworld {p['metaworld']}, numpy {p['numpy']}, python "
-             f"{p['python']}, {p['cpus']} CPUs, 1 torch thread per job. Total "
+             f"{p['python']}, {p['cpus']} CPUs, {p['torch_threads']} torch thread(s) per job. Total "
              f"{report['timings_s']['total_s'] / 60:.1f} min. Every number below was measured by this run.", "",
              "## Verdicts", ""]
     for c in report["claims"]:

@@ -9,7 +9,11 @@ mean colours plus the instruction's bytes). Both stubs carry the task's identity
 
 from __future__ import annotations
 
+import os
+import platform
 import re
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -132,3 +136,26 @@ def latent_frame_target(real: torch.Tensor) -> torch.Tensor:
     is compared against, frame by frame. real: [9, H, W, 3] -> [9, H, W, 3] float."""
     real = real.float()
     return torch.cat([real[:1], real[1:].unflatten(0, (-1, 4)).mean(1).repeat_interleave(4, 0)])
+
+
+def provenance(threads: int) -> dict:
+    """Commit, versions, torch threads per process: what a reader needs to reproduce the numbers."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    def version(dist):
+        try:
+            return dist_version(dist)
+        except PackageNotFoundError:
+            return None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=Path(__file__).resolve().parent).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, cwd=Path(__file__).resolve().parent).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = None, None
+    return {"commit": commit, "dirty": dirty, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "numpy": np.__version__, "mujoco": version("mujoco"),
+            "metaworld": version("metaworld"), "torch_threads": threads}

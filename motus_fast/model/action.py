@@ -17,6 +17,7 @@ from motus_fast.config import ActionExpertConfig
 from motus_fast.model.embed import TimeEmbedding, modulation_chunks, position_table
 from motus_fast.model.layers import RMSNorm, feed_forward, mlp3x_silu, split_heads
 from motus_fast.ops import ExpertQK, adaln_modulate, gated_residual_adaln
+from motus_fast.ops.profiling import annotate
 
 
 class ActionLayer(nn.Module):
@@ -36,6 +37,7 @@ class ActionLayer(nn.Module):
         mod = modulation_chunks(self.modulation, e6)
         return adaln_modulate(x, mod[0], mod[1], self.cfg.eps)
 
+    @annotate("action.pre_attention")   # NVTX range with MOTUS_NVTX=1 (motus_fast/ops/profiling.py)
     def attention_inputs(self, a, e6):
         """a: [B, L_a, dim]; e6: [B, 6, dim] -> q, k [B, L_a, H*D] as an ExpertQK (normalised by MotusBlock, no
         RoPE), v: [B, L_a, H, D], and the 6 modulation chunks."""
@@ -45,6 +47,7 @@ class ActionLayer(nn.Module):
         qk = ExpertQK(q, k, self.norm_q.weight, self.norm_k.weight, self.cfg.eps)
         return qk, split_heads(v, self.num_heads), mod
 
+    @annotate("action.post_attention")
     def finish(self, a, attn, mod):
         """a: [B, L_a, dim]; attn: [B, L_a, H*D] -> [B, L_a, dim]"""
         a, h = gated_residual_adaln(a, self.o(attn), mod[2], mod[3], mod[4], self.cfg.eps)

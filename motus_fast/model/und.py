@@ -16,6 +16,7 @@ from torch import nn
 from motus_fast.config import UndExpertConfig
 from motus_fast.model.layers import RMSNorm, feed_forward, mlp3x_silu, split_heads
 from motus_fast.ops import ExpertQK, gated_residual_adaln, layer_norm
+from motus_fast.ops.profiling import annotate
 
 
 class UndLayer(nn.Module):
@@ -29,6 +30,7 @@ class UndLayer(nn.Module):
         self.o = nn.Linear(width, d, bias=False)
         self.ffn = feed_forward(d, cfg.ffn_dim)
 
+    @annotate("und.pre_attention")   # NVTX range with MOTUS_NVTX=1 (motus_fast/ops/profiling.py)
     def attention_inputs(self, u, need_queries: bool = True):
         """u: [T_u, dim] -> q (None unless need_queries), k [T_u, H*D] as an ExpertQK (normalised by MotusBlock,
         no RoPE), v: [T_u, H, D]"""
@@ -40,6 +42,7 @@ class UndLayer(nn.Module):
         qk = ExpertQK(q, k, self.norm_q.weight, self.norm_k.weight, self.cfg.eps)
         return qk, split_heads(v, self.num_heads)
 
+    @annotate("und.post_attention")
     def finish(self, u, attn):
         """u: [T_u, dim]; attn: [T_u, H*D] -> [T_u, dim]"""
         u, h = gated_residual_adaln(u, self.o(attn), None, None, None, self.cfg.eps)   # ungated residual + LN

@@ -17,6 +17,7 @@ from motus_fast.config import VideoExpertConfig
 from motus_fast.model.embed import TimeEmbedding, modulation_chunks, patchify, unpatchify
 from motus_fast.model.layers import RMSNorm, feed_forward, masked_cross_attention, split_heads
 from motus_fast.ops import ExpertQK, adaln_modulate, gated_residual_adaln
+from motus_fast.ops.profiling import annotate
 
 
 class CrossAttention(nn.Module):
@@ -61,6 +62,7 @@ class VideoLayer(nn.Module):
         mod = modulation_chunks(self.modulation, e6)
         return adaln_modulate(x, mod[0], mod[1], self.cfg.eps)
 
+    @annotate("video.pre_attention")   # NVTX range with MOTUS_NVTX=1 (motus_fast/ops/profiling.py)
     def attention_inputs(self, x, e6, rope):
         """x: [B, L, dim]; e6: [B, 6, dim] or [B, L, 6, dim]; rope: (cos, sin) [L, D/2]
         -> q, k [B, L, H*D] as an ExpertQK (MotusBlock normalises and rotates the q/k of all experts in one
@@ -71,6 +73,7 @@ class VideoLayer(nn.Module):
         qk = ExpertQK(q, k, self.norm_q.weight, self.norm_k.weight, self.cfg.eps, rope)
         return qk, split_heads(v, self.cfg.num_heads), mod
 
+    @annotate("video.post_attention")
     def finish(self, x, attn, mod, text, text_lens=None):
         """x: [B, L, dim]; attn: joint attention output [B, L, H*D]; text: embedded context [B, L_t, dim] or its
         cached (k, v) -> layer output [B, L, dim]."""

@@ -15,15 +15,14 @@ as ``torch.ops.motus_fast.*`` custom ops) and CUDA C++ (csrc/adaln.cu, forward o
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from motus_fast.backend import choose
-from motus_fast.ops.availability import (PlanCache, cuda_ops_run_on, eager_call, launch_budget, needs_grad,
-                                         signature, triton_runs_on)
+from motus_fast.ops.availability import (PlanCache, backend_setting, cuda_ops_run_on, eager_call, launch_budget,
+                                         needs_grad, signature, triton_runs_on)
 from motus_fast.ops.profiling import annotate
 
 Tensor = torch.Tensor
@@ -66,7 +65,13 @@ def layer_norm(x: Tensor, eps: float) -> Tensor:
 def adaln_modulate(x: Tensor, shift: Optional[Tensor], scale: Optional[Tensor], eps: float,
                    norm: str = "layer") -> Tensor:
     """x: [B, L, D] (or [T, D] without modulation); shift/scale: [B|1, 1|L, D] or both None -> h like x."""
-    return _call("adaln_modulate", x, None, None, shift, scale, eps, norm)[1]
+    if not eager_call():
+        return _plan("adaln_modulate", x, None, None, shift, scale, eps, norm)(x, None, None, shift, scale)[1]
+    # the plan of this input signature: checks, backend choice and launch arguments, built once
+    grad = torch.is_grad_enabled()
+    key = ("adaln_modulate", norm, eps, grad, backend_setting(), signature(grad, x, shift, scale))
+    run = _PLANS.get(key) or _PLANS.put(key, _plan("adaln_modulate", x, None, None, shift, scale, eps, norm))
+    return run(x, None, None, shift, scale)[1]
 
 
 @annotate("motus_fast.gated_residual_adaln")
@@ -74,22 +79,15 @@ def gated_residual_adaln(x: Tensor, y: Tensor, gate: Optional[Tensor], shift: Op
                          scale: Optional[Tensor], eps: float, norm: str = "layer") -> tuple[Tensor, Tensor]:
     """x' = x + y * gate (gate None: x + y); h = N(x') * (1 + scale) + shift. x, y: [B, L, D] (or [T, D] without
     gate/modulation); gate/shift/scale: [B|1, 1|L, D] or None. Returns (x', h)."""
-    return _call("gated_residual_adaln", x, y, gate, shift, scale, eps, norm)
+    if not eager_call():
+        return _plan("gated_residual_adaln", x, y, gate, shift, scale, eps, norm)(x, y, gate, shift, scale)
+    grad = torch.is_grad_enabled()
+    key = ("gated_residual_adaln", norm, eps, grad, backend_setting(), signature(grad, x, y, gate, shift, scale))
+    run = _PLANS.get(key) or _PLANS.put(key, _plan("gated_residual_adaln", x, y, gate, shift, scale, eps, norm))
+    return run(x, y, gate, shift, scale)
 
 
 _PLANS = PlanCache()
-
-
-def _call(op, x, y, gate, shift, scale, eps, norm):
-    """Run `op` through the plan of this input signature (checks, backend choice and launch built once)."""
-    if not eager_call():
-        return _plan(op, x, y, gate, shift, scale, eps, norm)(x, y, gate, shift, scale)
-    key = (op, norm, eps, torch.is_grad_enabled(), os.environ.get("MOTUS_BACKEND"),
-           signature(x, y, gate, shift, scale))
-    run = _PLANS.get(key)
-    if run is None:
-        run = _PLANS.put(key, _plan(op, x, y, gate, shift, scale, eps, norm))
-    return run(x, y, gate, shift, scale)
 
 
 def _plan(op, x, y, gate, shift, scale, eps, norm):
@@ -102,15 +100,12 @@ def _plan(op, x, y, gate, shift, scale, eps, norm):
         return lambda x, y, gate, shift, scale: gated_residual_adaln_reference(x, y, gate, shift, scale, eps, norm)
     rms = norm == "rms"
     if backend == "triton" and eager_call() and not needs_grad(x, y, gate, shift, scale):
-        flat_rows = x.dim() == 2
-        impl = _direct(x.unsqueeze(0) if flat_rows else x, y.unsqueeze(0) if flat_rows and y is not None else y,
-                       gate, shift, scale, eps, rms)
-    else:   # the custom ops: autograd, torch.compile, the CUDA extension
-        ops = torch.ops.motus_fast_cuda if backend == "cuda" else torch.ops.motus_fast
-        if y is None:
-            impl = lambda x, y, gate, shift, scale: (None, ops.adaln_modulate(x, shift, scale, eps, rms))  # noqa
-        else:
-            impl = lambda x, y, gate, shift, scale: ops.gated_residual_adaln(x, y, gate, shift, scale, eps, rms)  # noqa
+        return _direct(x, y, gate, shift, scale, eps, rms)
+    ops = torch.ops.motus_fast_cuda if backend == "cuda" else torch.ops.motus_fast   # autograd, compile, CUDA
+    if y is None:
+        impl = lambda x, y, gate, shift, scale: (None, ops.adaln_modulate(x, shift, scale, eps, rms))  # noqa: E731
+    else:
+        impl = lambda x, y, gate, shift, scale: ops.gated_residual_adaln(x, y, gate, shift, scale, eps, rms)  # noqa
     if x.dim() == 3:
         return impl
 
@@ -163,30 +158,43 @@ _LAUNCHES = PlanCache()
 
 def _forward(x, y, gate, shift, scale, eps, rms):
     x, y, gate, shift, scale = map(_unit_last, (x, y, gate, shift, scale))
-    key = (eps, rms, signature(x, y, gate, shift, scale))
+    key = (eps, rms, signature(False, x, y, gate, shift, scale))
     launch = _LAUNCHES.get(key)
     if launch is None:
         launch = _LAUNCHES.put(key, _launcher(x, y, gate, shift, scale, eps, rms))
-    h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    x_out = None if y is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    h = torch.empty(*x.shape, dtype=x.dtype, device=x.device)
+    x_out = None if y is None else torch.empty(*x.shape, dtype=x.dtype, device=x.device)
     launch(x, y, gate, shift, scale, x_out, h)
     return x_out, h
 
 
 def _direct(x, y, gate, shift, scale, eps, rms):
     """Eager inference: allocate the outputs and launch, with no dispatcher in between (the custom ops would only
-    add autograd and tracing support, neither needed here)."""
+    add autograd and tracing support, neither needed here). [T, D] rows run as one sample of T rows: the kernel
+    takes base pointers and the strides fixed here, so the tensors go in without views."""
     if any(_unit_last(t) is not t for t in (x, y, gate, shift, scale)):
         return lambda x, y, gate, shift, scale: _forward(x, y, gate, shift, scale, eps, rms)
-    launch = _launcher(x, y, gate, shift, scale, eps, rms)
-    shape, dtype, device, residual = x.shape, x.dtype, x.device, y is not None
+    rows = (lambda t: t if t is None else t.unsqueeze(0)) if x.dim() == 2 else (lambda t: t)  # noqa: E731
+    launch = _launcher(rows(x), rows(y), gate, shift, scale, eps, rms)
+    shape, dtype, device = tuple(x.shape), x.dtype, x.device
+    # a contiguous x makes empty_like contiguous too (the layout the launcher assumes), at half torch.empty's cost
+    like_x = x.is_contiguous()
 
-    def run(x, y, gate, shift, scale):
-        h = torch.empty(shape, dtype=dtype, device=device)
-        x_out = torch.empty(shape, dtype=dtype, device=device) if residual else None
+    if y is None:
+        def run(x, y, gate, shift, scale):
+            h = torch.empty_like(x) if like_x else torch.empty(*shape, dtype=dtype, device=device)
+            launch(x, None, gate, shift, scale, None, h)
+            return None, h
+        return run
+
+    def run_residual(x, y, gate, shift, scale):
+        if like_x:
+            x_out, h = torch.empty_like(x), torch.empty_like(x)
+        else:
+            x_out, h = (torch.empty(*shape, dtype=dtype, device=device) for _ in range(2))
         launch(x, y, gate, shift, scale, x_out, h)
         return x_out, h
-    return run
+    return run_residual
 
 
 def _launcher(x, y, gate, shift, scale, eps, rms):
@@ -242,7 +250,7 @@ def _adaln_backward_op(xr: Tensor, y: Optional[Tensor], gate: Optional[Tensor], 
     f32 = dict(dtype=torch.float32, device=xr.device)
     token_grad = lambda t: None if t is None else (                     # noqa: E731
         torch.empty(B, L, D, **f32) if per_token else torch.zeros(B, tiling[2], D, **f32))
-    dx = torch.empty(xr.shape, dtype=xr.dtype, device=xr.device)
+    dx = torch.empty(*xr.shape, dtype=xr.dtype, device=xr.device)
     dy = None if y is None else torch.empty_like(dx)
     dgate = token_grad(gate)
     dshift, dscale = token_grad(scale), token_grad(scale)

@@ -11,13 +11,16 @@ source tree; ``MOTUS_ATTENTION_TABLE`` names another file): ``{"entries": [{"op"
   length by the longest key sequence of a sample (the sum of the experts' max_seqlens): ``s`` <= 1024,
   ``m`` <= 8192, ``l`` above.
 
-Candidates: ``triton`` (ours, kernels/joint_attention.py), ``sdpa`` (torch's scaled_dot_product_attention per
-sample over the packed tokens: joint_attention_reference, its packing cost included in the measurement) and
+Candidates: ``triton`` (ours, kernels/joint_attention.py), ``triton_hopper`` (ours with TMA descriptors and
+128 x 128 tiles, kernels/joint_attention_hopper.py: compute capability 9.x only, and only the eager inference
+forward; autograd and torch.compile keep ``triton``), ``sdpa`` (torch's scaled_dot_product_attention per sample
+over the packed tokens: joint_attention_reference, its packing cost included in the measurement) and
 ``flash_attn`` (flash_attn_varlen_func over the packed tokens, all-visible only, when the package is installed).
 
 Rule for a key the table lacks (or no table): ours, the one candidate that serves every visibility and layout
 without repacking; entries at other lengths are not extrapolated. A table choice that cannot run here (package
-missing, masked visibility for flash_attn) falls back to ours. Each decision is logged once per key.
+missing, masked visibility for flash_attn, another GPU or unaligned strides for triton_hopper) falls back to ours
+with one WARNING line. Each decision is logged once per key.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import torch
 
 log = logging.getLogger("motus_fast")
 
-CANDIDATES = ("triton", "sdpa", "flash_attn")
+CANDIDATES = ("triton", "triton_hopper", "sdpa", "flash_attn")
 DEFAULT_CHOICE = "triton"
 LENGTH_CLASSES = ((1024, "s"), (8192, "m"))       # upper bounds; above the last: "l"
 TABLE_ENV = "MOTUS_ATTENTION_TABLE"
@@ -87,8 +90,20 @@ def load_table(path: str) -> dict:
     return table
 
 
-def runnable(candidate: str, device: torch.device, cls: str) -> Optional[str]:
-    """None if `candidate` can run here, else why not."""
+def runnable(candidate: str, device: torch.device, cls: str, inputs: Optional[tuple] = None) -> Optional[str]:
+    """None if `candidate` can run here, else why not. `inputs` = (q, k, v) lists also checks what depends on the
+    tensors (triton_hopper: dtype, head dim, 16-byte strides)."""
+    if candidate == "triton_hopper":
+        if device.type != "cuda":
+            return "the Hopper forward runs on CUDA devices of compute capability 9.x only"
+        if not capability(device).startswith("sm9"):
+            return f"the Hopper forward needs compute capability 9.x, this device is {capability(device)}"
+        from motus_fast.kernels.joint_attention_hopper import tensor_descriptors_available, unsupported
+
+        if not tensor_descriptors_available():
+            return "the installed triton has no device-side tensor descriptors"
+        if inputs is not None:
+            return unsupported(*inputs)
     if candidate == "flash_attn":
         if importlib.util.find_spec("flash_attn") is None:
             return "the flash_attn package is not installed"
@@ -100,8 +115,9 @@ def runnable(candidate: str, device: torch.device, cls: str) -> Optional[str]:
 
 
 def select(op: str, device: torch.device, dtype: torch.dtype, visible, max_seqlens: Sequence[int],
-           table: Optional[dict] = None) -> str:
-    """The candidate for this call under MOTUS_BACKEND=auto (see the module docstring), logged once per key."""
+           table: Optional[dict] = None, inputs: Optional[tuple] = None) -> str:
+    """The candidate for this call under MOTUS_BACKEND=auto (see the module docstring), logged once per key.
+    `inputs` = (q, k, v) lets the table's choice be checked against the tensors too."""
     cls = shape_class(visible, max_seqlens)
     key = table_key(op, device, dtype, cls)
     table = load_table(str(default_table_path())) if table is None else table
@@ -110,13 +126,19 @@ def select(op: str, device: torch.device, dtype: torch.dtype, visible, max_seqle
         choice, why = DEFAULT_CHOICE, "not in the table: the default rule"
     else:
         why = "from the table"
-        reason = runnable(choice, device, cls)
+        reason = runnable(choice, device, cls, inputs)
         if reason is not None:
             _log_once(key + ("fallback",), logging.WARNING,
                       f"{op}: table choice {choice} for {key} cannot run ({reason}); using {DEFAULT_CHOICE}")
             choice, why = DEFAULT_CHOICE, "fallback"
     _log_once(key, logging.INFO, f"{op}: auto picks {choice} for {'/'.join(key[1:])} ({why})")
     return choice
+
+
+def fall_back(op: str, choice: str, reason: str) -> str:
+    """A chosen candidate cannot serve this call: one WARNING line per (op, choice, reason); returns ours."""
+    _log_once((op, choice, reason), logging.WARNING, f"{op}: {choice} cannot run ({reason}); using {DEFAULT_CHOICE}")
+    return DEFAULT_CHOICE
 
 
 def _log_once(key, level: int, msg: str) -> None:

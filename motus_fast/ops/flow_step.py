@@ -16,14 +16,13 @@ two act on data, not on parameters); CUDA C++ for euler_step (csrc/euler_step.cu
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch
 
 from motus_fast.backend import choose
-from motus_fast.ops.availability import (PlanCache, cuda_ops_run_on, eager_call, launch_budget, needs_grad,
-                                         signature, triton_runs_on)
+from motus_fast.ops.availability import (PlanCache, backend_setting, cuda_ops_run_on, eager_call, launch_budget,
+                                         needs_grad, signature, triton_runs_on)
 from motus_fast.ops.profiling import annotate
 
 Tensor = torch.Tensor
@@ -108,8 +107,8 @@ def euler_step(xs: Sequence[Tensor], vs: Sequence[Tensor], dt: Tensor,
     conds = list(conds) if conds is not None else [None] * len(xs)
     if not eager_call():
         return _euler_plan(xs, vs, dt, conds)(xs, vs, dt, conds)
-    key = (len(xs), len(vs), len(conds), signature(*xs, *vs, *conds, dt), torch.is_grad_enabled(),
-           os.environ.get("MOTUS_BACKEND"))
+    grad = torch.is_grad_enabled()
+    key = (len(xs), len(vs), len(conds), signature(grad, *xs, *vs, *conds, dt), grad, backend_setting())
     run = _PLANS.get(key)
     if run is None:
         run = _PLANS.put(key, _euler_plan(xs, vs, dt, conds))
@@ -251,17 +250,27 @@ _masked_mse_op.register_autograd(_mse_grad, setup_context=_mse_setup)
 
 
 def _euler_direct(xs, conds, dt):
-    """launch per group of MAX_STREAMS streams, arguments computed once; -> run(xs, vs, dt, conds) (contiguous)."""
+    """launch per group of MAX_STREAMS streams, arguments computed once; -> run(xs, vs, dt, conds) (xs, vs
+    contiguous). A condition is read through its strides (typically a frame slice of the latents: no copy) when
+    each of its frames is contiguous; otherwise it is copied per call."""
     from motus_fast.kernels import flow_step as K
 
-    metas = [(x.shape[0], _layout(x), c is not None, 0 if c is None else c.shape[2]) for x, c in zip(xs, conds)]
+    copy = [c is not None and c.numel() > 0 and not c[0, 0, 0].is_contiguous() for c in conds]
+    strided = [None if c is None else c.contiguous() if cp else c for c, cp in zip(conds, copy)]
+    metas = [(x.shape[0], _layout(x), c is not None, 0 if c is None else c.shape[2],
+              (0, 0, 0) if c is None else c.stride()[:3]) for x, c in zip(xs, strided)]
     groups = [(g, K.euler_launcher(metas[g:g + K.MAX_STREAMS], 1 if dt.dim() else 0))
               for g in range(0, len(xs), K.MAX_STREAMS)]
-    like = [(x.shape, x.dtype, x.device) for x in xs]
+    copies = any(copy)
+    single = groups[0][1] if len(groups) == 1 else None
 
     def run(xs, vs, dt, conds):
-        conds = [None if c is None else c.contiguous() for c in conds]   # condition frames are often a slice
-        outs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in like]
+        if copies:
+            conds = [c.contiguous() if cp else c for c, cp in zip(conds, copy)]
+        outs = [torch.empty_like(x) for x in xs]     # xs are contiguous: so are these
+        if single is not None:
+            single(xs, vs, conds, outs, dt)
+            return outs
         for g, launch in groups:
             end = g + K.MAX_STREAMS
             launch(xs[g:end], vs[g:end], conds[g:end], outs[g:end], dt)
@@ -272,7 +281,6 @@ def _euler_direct(xs, conds, dt):
 @torch.library.custom_op("motus_fast::euler_step", mutates_args=())
 def _euler_step_op(xs: list[Tensor], vs: list[Tensor], dt: Tensor, conds: list[Optional[Tensor]]) -> list[Tensor]:
     xs, vs = [x.contiguous() for x in xs], [v.contiguous() for v in vs]
-    conds = [None if c is None else c.contiguous() for c in conds]
     return _euler_direct(xs, conds, dt)(xs, vs, dt.contiguous(), conds)
 
 

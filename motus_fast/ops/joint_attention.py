@@ -26,7 +26,6 @@ bounds); device ones are the caller's promise, as in flash_attn_varlen_func.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Sequence
 
 import torch
@@ -35,7 +34,8 @@ import torch.nn.functional as F
 from motus_fast.backend import choose, requested_backend
 from motus_fast.kernels import interpreting
 from motus_fast.ops import attention_dispatch
-from motus_fast.ops.availability import PlanCache, eager_call, needs_grad, signature, triton_runs_on
+from motus_fast.ops.availability import (PlanCache, backend_setting, eager_call, needs_grad, signature,
+                                         triton_runs_on)
 from motus_fast.ops.profiling import annotate
 
 Tensor = torch.Tensor
@@ -64,15 +64,18 @@ def joint_attention(
     Returns one [T_e, H, D] output per expert with a query (None where q[e] is None); with ``return_lse`` also the
     per-expert natural-log LSE, fp32 [T_e, H] (-inf for a query that sees no key; its output is 0).
     """
-    if eager_call() and max_seqlens is not None and not isinstance(visible, Tensor):
+    if max_seqlens is not None and not isinstance(visible, Tensor) and eager_call():
         # the checks, backend choice and launch arguments depend only on this key: built once per signature
-        key = (signature(*q, *k, *v, *cu_seqlens), None if visible is None else tuple(map(tuple, visible)),
-               tuple(max_seqlens), softmax_scale, torch.is_grad_enabled(), os.environ.get("MOTUS_BACKEND"))
-        run = _PLANS.get(key)
-        if run is None:
-            run = _PLANS.put(key, _joint_plan(q, k, v, cu_seqlens, visible, softmax_scale, max_seqlens))
-        for e, c in enumerate(cu_seqlens):   # values, not signature: checked every call (free for device ones)
-            _check_boundaries(f"cu_seqlens[{e}]", c, k[e].shape[0], max_seqlens[e], f"max_seqlens[{e}]")
+        grad = torch.is_grad_enabled()
+        key = (signature(grad, *q, *k, *v, *cu_seqlens), None if visible is None else tuple(map(tuple, visible)),
+               tuple(max_seqlens), softmax_scale, grad, backend_setting())
+        plan = _PLANS.get(key)
+        if plan is None:   # (the first call checks the boundary values in check_joint_inputs)
+            plan = _PLANS.put(key, (_joint_plan(q, k, v, cu_seqlens, visible, softmax_scale, max_seqlens),
+                                    _boundary_check(cu_seqlens, k, max_seqlens)))
+        elif plan[1] is not None:   # values, not signature: checked every call (CPU ones; device ones are trusted)
+            plan[1](cu_seqlens)
+        run = plan[0]
     else:
         run = _joint_plan(q, k, v, cu_seqlens, visible, softmax_scale, max_seqlens)
     out, lse = run(q, k, v, cu_seqlens, return_lse)
@@ -80,6 +83,26 @@ def joint_attention(
 
 
 _PLANS = PlanCache()
+
+
+def _boundary_check(cu_seqlens, k, max_seqlens):
+    """-> check(cu_seqlens) of the CPU boundaries' values for later calls of this signature (None: none on CPU).
+    The common case is one comparison per boundary; a failure goes to _check_boundaries for its message."""
+    cpu = [(e, k[e].shape[0], max_seqlens[e]) for e, c in enumerate(cu_seqlens) if c.device.type == "cpu"]
+    if not cpu:
+        return None
+
+    def check(cu_seqlens):
+        for e, total, bound in cpu:
+            b = cu_seqlens[e].tolist()
+            prev = b[0]
+            ok = prev == 0 and b[-1] == total
+            for x in b:
+                ok = ok and prev <= x <= prev + bound
+                prev = x
+            if not ok:
+                _check_boundaries(f"cu_seqlens[{e}]", cu_seqlens[e], total, bound, f"max_seqlens[{e}]")
+    return check
 
 
 def _joint_plan(q, k, v, cu_seqlens, visible, softmax_scale, max_seqlens):
@@ -91,10 +114,11 @@ def _joint_plan(q, k, v, cu_seqlens, visible, softmax_scale, max_seqlens):
     backend = choose("joint_attention", {"triton": _triton_can_run(k[0], E), "cuda": False}, k[0].device.type)
     candidate = "triton"
     if backend == "triton" and requested_backend() == "auto" and max_seqlens is not None:
-        candidate = attention_dispatch.select("joint_attention", k[0].device, k[0].dtype, visible, max_seqlens)
+        candidate = attention_dispatch.select("joint_attention", k[0].device, k[0].dtype, visible, max_seqlens,
+                                              inputs=(q, k, v))
     if backend == "reference" or candidate == "sdpa":
         return lambda q, k, v, cu, return_lse: joint_attention_reference(q, k, v, cu, visible, scale, return_lse)
-    ours = _triton_plan(q, k, v, cu_seqlens, visible, scale, max_seqlens)
+    ours = _triton_plan(q, k, v, cu_seqlens, visible, scale, max_seqlens, hopper=candidate == "triton_hopper")
     if candidate == "flash_attn" and all(t is not None for t in q):
         bounds = list(max_seqlens)
         return lambda q, k, v, cu, return_lse: (ours(q, k, v, cu, True) if return_lse else (
@@ -102,8 +126,10 @@ def _joint_plan(q, k, v, cu_seqlens, visible, softmax_scale, max_seqlens):
     return ours
 
 
-def _triton_plan(q, k, v, cu_seqlens, visible, scale, max_seqlens):
+def _triton_plan(q, k, v, cu_seqlens, visible, scale, max_seqlens, hopper=False):
     from motus_fast.kernels.joint_attention import forward_launcher, visibility_bits
+    if hopper:   # the Hopper forward (kernels/joint_attention_hopper.py) for eager inference; same contract
+        from motus_fast.kernels.joint_attention_hopper import forward_launcher
 
     E, dev = len(k), k[0].device
     as_int32 = lambda cu: [c if c.dtype == torch.int32 and c.device == dev  # noqa: E731
@@ -112,16 +138,32 @@ def _triton_plan(q, k, v, cu_seqlens, visible, scale, max_seqlens):
     q_experts = [e for e in range(E) if q[e] is not None]
     direct = (eager_call() and max_seqlens is not None and not needs_grad(*q, *k, *v)
               and all(t is None or t.stride(2) == 1 or t.numel() == 0 for t in (*q, *k, *v)))
+    if hopper and not direct:
+        attention_dispatch.fall_back("joint_attention", "triton_hopper", "it serves the eager inference forward "
+                                     "only; autograd and torch.compile run the portable kernels")
     if direct:   # eager inference: no dispatcher, launch arguments computed once
         launch = forward_launcher(q, k, v, cu_seqlens, cu_seqlens, list(max_seqlens), visible_bits=bits,
                                   softmax_scale=float(scale))
-
-        # the kernel always writes the LSE; a caller that does not want it gets no per-call buffer for it
-        scratch = [None if t is None else torch.empty(t.shape[:2], dtype=torch.float32, device=dev) for t in q]
+        convert = any(c.dtype != torch.int32 or c.device != dev for c in cu_seqlens)
+        # outputs: empty_like a contiguous q (half torch.empty's cost), else a contiguous [T, H, D]
+        like_q = [t is not None and t.is_contiguous() for t in q]
+        shapes = [None if t is None else tuple(t.shape) for t in q]
+        dtype = k[0].dtype
+        # the kernel always writes an LSE; a caller who does not want it gets one fresh scratch row block for all
+        # experts (never read, so experts may overwrite each other's rows; nothing outlives the call)
+        rows = max((t.shape[0] for t in q if t is not None), default=0)
+        scratch_shape = (rows, k[0].shape[1])
 
         def run(q, k, v, cu, return_lse):
-            cu = as_int32(cu)
-            return launch(q, k, v, cu, cu, lse=None if return_lse else scratch)
+            if convert:
+                cu = as_int32(cu)
+            out = [torch.empty_like(t) if like else None if t is None else torch.empty(*s, dtype=dtype, device=dev)
+                   for t, like, s in zip(q, like_q, shapes)]
+            if return_lse:
+                return launch(q, k, v, cu, cu, out)
+            scratch = torch.empty(scratch_shape, dtype=torch.float32, device=dev)
+            out, _ = launch(q, k, v, cu, cu, out, [None if t is None else scratch for t in q])
+            return out, [None] * len(q)
         return run
 
     def run(q, k, v, cu, return_lse):   # the custom op: autograd and torch.compile

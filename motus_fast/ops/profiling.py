@@ -1,4 +1,7 @@
-"""NVTX ranges around the public ops, so an Nsight Systems timeline reads op by op.
+"""NVTX ranges around the public ops, each Motus layer ("MotusBlock") and each expert's part of a layer before and
+after the joint attention ("video.pre_attention", ..., "und.post_attention"), so an Nsight Systems timeline reads
+layer by layer, stream by stream, op by op. The decorated functions live with what they time (model/mot.py,
+model/wan.py, model/action.py, model/und.py, the ops).
 
 Off by default and then free: ``annotate`` returns the function itself, so nothing runs per call. With
 ``MOTUS_NVTX=1`` in the environment before motus_fast is imported, each annotated function pushes a range named after

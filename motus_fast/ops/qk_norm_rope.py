@@ -15,15 +15,14 @@ forward + backward including the weight gradients. ``rms_norm`` (one row, no RoP
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 from motus_fast.backend import choose
-from motus_fast.ops.availability import (PlanCache, eager_call, launch_budget, needs_grad, signature,
-                                         triton_runs_on)
+from motus_fast.ops.availability import (PlanCache, backend_setting, eager_call, launch_budget, needs_grad,
+                                         signature, triton_runs_on)
 from motus_fast.ops.profiling import annotate
 
 Tensor = torch.Tensor
@@ -75,15 +74,18 @@ def qk_norm_rope(experts: Sequence[ExpertQK], num_heads: int) -> list[tuple[Opti
     (q None where the expert gave none)."""
     if not eager_call():
         return _plan(experts, num_heads)(experts)
-    key = (num_heads, signature(*(t for e in experts for t in (e.q, e.k, e.weight_q, e.weight_k,
-                                                                 *(e.rope or (None, None))))),
-           tuple(e.eps for e in experts), torch.is_grad_enabled(), os.environ.get("MOTUS_BACKEND"))
+    grad = torch.is_grad_enabled()
+    tensors = []
+    for e in experts:
+        tensors += (e.q, e.k, e.weight_q, e.weight_k, *(e.rope or _NO_ROPE))
+    key = (num_heads, signature(grad, *tensors), tuple([e.eps for e in experts]), grad, backend_setting())
     run = _PLANS.get(key)
     if run is None:
         run = _PLANS.put(key, _plan(experts, num_heads))
     return run(experts)
 
 
+_NO_ROPE = (None, None)
 _PLANS = PlanCache()
 
 
@@ -135,6 +137,7 @@ def _direct(experts: Sequence[ExpertQK], head_dim: int):
         block_r = plan(group, width, *launch_budget(k[0].device, reduction=False))
         groups.append((g, launcher(qk_norm_rope_fwd_kernel, group, width, head_dim, block_r, backward=False)))
     heads = (width // head_dim, head_dim)
+    # output shapes as python ints: torch.empty(*ints) parses fastest
     outs = [(None if e.q is None else ((*e.q.shape[:-1], *heads), _out_dtype(e.q, e.weight_q)),
              ((*e.k.shape[:-1], *heads), _out_dtype(e.k, e.weight_k))) for e in experts]
     device = k[0].device
@@ -143,11 +146,12 @@ def _direct(experts: Sequence[ExpertQK], head_dim: int):
         # the kernels take base pointers and the row strides fixed in the plan, so the tensors go in as they are:
         # inputs [..., W] (the plan checked they are their own row views), outputs allocated as [..., H, D]
         results, run_slots = [], []
-        for e, (q_like, k_like) in zip(experts, outs):
-            qo = None if q_like is None else torch.empty(q_like[0], dtype=q_like[1], device=device)
-            ko = torch.empty(k_like[0], dtype=k_like[1], device=device)
+        for e, (q_like, (k_shape, k_dtype)) in zip(experts, outs):
+            qo = None if q_like is None else torch.empty(*q_like[0], dtype=q_like[1], device=device)
+            ko = torch.empty(*k_shape, dtype=k_dtype, device=device)
             results.append((qo, ko))
-            run_slots.append(dict(q=e.q, k=e.k, qo=qo, ko=ko, wq=e.weight_q, wk=e.weight_k, rope=e.rope))
+            run_slots.append({"q": e.q, "k": e.k, "qo": qo, "ko": ko, "wq": e.weight_q, "wk": e.weight_k,
+                              "rope": e.rope})
         for g, launch in groups:
             launch(run_slots[g:g + GROUP])
         return results
@@ -234,9 +238,9 @@ def _qk_norm_rope_op(q: list[Tensor], k: list[Tensor], weight_q: list[Tensor], w
 
     width = k[0].shape[-1]
     slots = _slots(q, k, weight_q, weight_k, has_q, cos, sin, eps)
-    q_out = [torch.empty(t.shape, dtype=_out_dtype(t, w), device=t.device) if h else k[0].new_empty(0)
+    q_out = [torch.empty(*t.shape, dtype=_out_dtype(t, w), device=t.device) if h else k[0].new_empty(0)
              for t, w, h in zip(q, weight_q, has_q)]
-    k_out = [torch.empty(t.shape, dtype=_out_dtype(t, w), device=t.device) for t, w in zip(k, weight_k)]
+    k_out = [torch.empty(*t.shape, dtype=_out_dtype(t, w), device=t.device) for t, w in zip(k, weight_k)]
     for s, qo, ko in zip(slots, q_out, k_out):
         s["qo"], s["ko"] = (None if s["q"] is None else qo.view(-1, width)), ko.view(-1, width)
     for g in range(0, len(slots), GROUP):
@@ -264,8 +268,8 @@ def _qk_norm_rope_backward_op(q: list[Tensor], k: list[Tensor], weight_q: list[T
     width = k[0].shape[-1]
     slots = _slots(q, k, weight_q, weight_k, has_q, cos, sin, eps)
     empty = lambda: k[0].new_empty(0)                                  # noqa: E731  (outputs must not alias)
-    dq = [torch.empty(t.shape, dtype=t.dtype, device=t.device) if h else empty() for t, h in zip(q, has_q)]
-    dk = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in k]
+    dq = [torch.empty(*t.shape, dtype=t.dtype, device=t.device) if h else empty() for t, h in zip(q, has_q)]
+    dk = [torch.empty(*t.shape, dtype=t.dtype, device=t.device) for t in k]
     for e, s in enumerate(slots):
         s["dko"], s["dk"] = _rows(dk_out[e], width).contiguous(), dk[e].view(-1, width)
         if s["q"] is not None:
