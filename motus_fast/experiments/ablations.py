@@ -141,12 +141,18 @@ def run_experiment(out: str | Path, cfg: ExperimentConfig = ExperimentConfig(), 
         raise ValueError(f"{cfg_path}: this directory holds an experiment with another config; use a new --out "
                          "(finished jobs are reused only under the same config)")
     cfg_path.write_text(json.dumps(_jsonable(cfg), indent=2))
+    run_path = out / "run.json"          # when the experiment first started (a resumed run keeps it)
+    run = json.loads(run_path.read_text()) if run_path.is_file() else {"started_at": time.time()}
     if not (out / "prepared" / "done").is_file():
         prepare(out, cfg)
-    t_prep = time.perf_counter() - t0
+        run["prepare_s"] = time.perf_counter() - t0
+    run_path.write_text(json.dumps(run))
     jobs = plan_jobs(cfg)
     results = _run_jobs(out, cfg, jobs, progress)
-    report = build_report(out, cfg, results, {"prepare_s": t_prep, "total_s": time.perf_counter() - t0}, prov)
+    # wall time from the first start to the last job's end (across resumptions, so it includes any pause)
+    total = max(r["finished_at"] for r in results.values()) - run["started_at"]
+    report = build_report(out, cfg, results, {"prepare_s": run.get("prepare_s"), "total_s": total,
+                                              "this_invocation_s": time.perf_counter() - t0}, prov)
     write_report(out, report)
     _say(f"report: {out / 'report.md'} ({report['timings_s']['total_s'] / 60:.1f} min)")
     return report
@@ -170,6 +176,7 @@ def _run_jobs(out: Path, cfg: ExperimentConfig, jobs: list[Job], progress: bool)
         path = out / "jobs" / job.name / "result.json"
         if path.is_file():
             results[job.name] = json.loads(path.read_text())
+            results[job.name].setdefault("finished_at", path.stat().st_mtime)   # results written before it was kept
         else:
             pending.append(job)
     if results:
@@ -209,7 +216,7 @@ def run_job(out: str, cfg: ExperimentConfig, job: Job) -> dict:
     t = time.perf_counter()
     fn = {"ablation": _ablation_job, "latent": _latent_job, "curve": _curve_job, "modes": _modes_job}[job.kind]
     result = fn(Path(out), cfg, job, d)
-    result.update(job=dataclasses.asdict(job), wall_s=time.perf_counter() - t)
+    result.update(job=dataclasses.asdict(job), wall_s=time.perf_counter() - t, finished_at=time.time())
     (d / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -631,8 +638,11 @@ def report_markdown(report: dict) -> str:
     lines = ["# The paper's findings at toy scale (Meta-World, 2-core CPU)", "",
              f"Commit `{p['commit']}`{' (with uncommitted changes)' if p['dirty'] else ''}, {p['date']}; torch "
              f"{p['torch']}, mujoco {p['mujoco']}, metaworld {p['metaworld']}, numpy {p['numpy']}, python "
-             f"{p['python']}, {p['cpus']} CPUs, {p['torch_threads']} torch thread(s) per job. Total "
-             f"{report['timings_s']['total_s'] / 60:.1f} min. Every number below was measured by this run.", "",
+             f"{p['python']}, {p['cpus']} CPUs, {p['torch_threads']} torch thread(s) per job. "
+             f"{report['timings_s']['total_s'] / 60:.1f} min from the first start to the last job's end "
+             f"({len(report['jobs'])} jobs, {sum(j['wall_s'] for j in report['jobs'].values()) / 60:.0f} job-minutes "
+             f"on {report['config']['workers']} workers). Every number below was measured by this run "
+             "(the commit is the report's; a resumed run reuses finished jobs only under the same config).", "",
              "## Verdicts", ""]
     for c in report["claims"]:
         a, b = c["a"], c["b"]
