@@ -21,6 +21,7 @@ On a CPU the same code runs tiny fp32 shapes (our kernels under TRITON_INTERPRET
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -382,11 +383,7 @@ def tune(shapes, warmup: int, iters: int, dtype, table_path) -> list[dict]:
     table_path.write_text(json.dumps({"device": device_info(), "entries": kept + list(entries.values())}, indent=2))
     print(f"wrote {table_path}")
     # auto with the new table, side by side with the candidates
-    saved = os.environ.get(AD.TABLE_ENV)
-    os.environ[AD.TABLE_ENV] = str(table_path)
-    AD.load_table.cache_clear()
-    JA._PLANS.clear()
-    try:
+    with attention_table(table_path):
         for shape in shapes:
             for masked in (False, True):
                 p = Problem(shape, masked, dtype, device)
@@ -395,14 +392,32 @@ def tune(shapes, warmup: int, iters: int, dtype, table_path) -> list[dict]:
                 fn = _candidate_call("auto", p, visible, bounds)
                 rows.append(dict(shape=shape.name, shape_class=AD.shape_class(visible, bounds), method="auto",
                                  median_ms=time_fn(fn, warmup=warmup, iters=iters)["median_ms"]))
+    return rows
+
+
+@contextlib.contextmanager
+def attention_table(path, keep_plans: bool = False):
+    """MOTUS_ATTENTION_TABLE=path inside the block (the table is re-read and plans rebuilt there), restored after;
+    with keep_plans the plans built inside stay cached."""
+    import sys
+
+    from motus_fast.ops import attention_dispatch as AD
+
+    JA = sys.modules["motus_fast.ops.joint_attention"]   # the module (motus_fast.ops exports the function)
+    saved = os.environ.get(AD.TABLE_ENV)
+    os.environ[AD.TABLE_ENV] = str(path)
+    AD.load_table.cache_clear()
+    JA._PLANS.clear()
+    try:
+        yield
     finally:
         if saved is None:
             os.environ.pop(AD.TABLE_ENV)
         else:
             os.environ[AD.TABLE_ENV] = saved
         AD.load_table.cache_clear()
-        JA._PLANS.clear()
-    return rows
+        if not keep_plans:
+            JA._PLANS.clear()
 
 
 def profile(shapes, dtype, out_dir) -> list[dict]:
@@ -471,13 +486,11 @@ def _auto_with_choice(candidate: str, p: Problem, visible, bounds) -> Callable[[
     candidate is timed with the same host path as the others. The table only matters when the plan is built (the
     first call, made here); later calls reuse that plan."""
     import json
-    import sys
     import tempfile
     from pathlib import Path
 
     from motus_fast.ops import attention_dispatch as AD
 
-    JA = sys.modules["motus_fast.ops.joint_attention"]
     key = AD.table_key("joint_attention", p.k[0].device, p.k[0].dtype, AD.shape_class(visible, bounds))
     path = Path(tempfile.gettempdir()) / f"motus_attention_table_{candidate}.json"
     path.write_text(json.dumps({"entries": [dict(zip(("op", "capability", "dtype", "shape_class"), key),
@@ -487,18 +500,8 @@ def _auto_with_choice(candidate: str, p: Problem, visible, bounds) -> Callable[[
         with torch.no_grad(), backend("auto"):
             joint_attention(p.q, p.k, p.v, p.cu, visible, max_seqlens=bounds)
 
-    saved = os.environ.get(AD.TABLE_ENV)
-    os.environ[AD.TABLE_ENV] = str(path)
-    AD.load_table.cache_clear()
-    JA._PLANS.clear()
-    try:
+    with attention_table(path, keep_plans=True):
         fwd()                                # builds (and caches) the plan with the one-entry table
-    finally:
-        if saved is None:
-            os.environ.pop(AD.TABLE_ENV)
-        else:
-            os.environ[AD.TABLE_ENV] = saved
-        AD.load_table.cache_clear()
     return fwd
 
 

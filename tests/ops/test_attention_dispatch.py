@@ -17,17 +17,6 @@ CPU = torch.device("cpu")
 MASK = [[True, True, True], [True, True, True], [False, False, True]]
 
 
-@pytest.fixture
-def fresh(monkeypatch):
-    """No table from the source tree, no remembered plans or log lines."""
-    monkeypatch.setattr(AD, "_logged", set())
-    AD.load_table.cache_clear()
-    JA._PLANS.clear()
-    yield
-    AD.load_table.cache_clear()
-    JA._PLANS.clear()
-
-
 def write_table(path, *entries):
     rows = [dict(op="joint_attention", capability="cpu", dtype="fp32", shape_class=c, choice=ch) for c, ch in entries]
     path.write_text(json.dumps({"entries": rows}))

@@ -22,17 +22,6 @@ interpreted = pytest.mark.skipif(not JA.interpreting(),
                                  reason="CPU tensors through the Triton path need TRITON_INTERPRET=1")
 
 
-@pytest.fixture
-def fresh(monkeypatch):
-    """No table from the source tree, no remembered plans or log lines."""
-    monkeypatch.setattr(AD, "_logged", set())
-    AD.load_table.cache_clear()
-    JA._PLANS.clear()
-    yield
-    AD.load_table.cache_clear()
-    JA._PLANS.clear()
-
-
 def hopper_table(path, capability="cpu", dtype="fp32", classes=("all/s", "masked/s")):
     rows = [dict(op="joint_attention", capability=capability, dtype=dtype, shape_class=c, choice="triton_hopper")
             for c in classes]
