@@ -223,6 +223,7 @@ def _fwd_kernel(
     B, H, qk_scale,                                # qk_scale = softmax_scale * log2(e)
     NUM_EXPERTS: tl.constexpr, VISIBLE: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, PRECISION: tl.constexpr,
+    WRITE_LSE: tl.constexpr,                       # False: LSE* are None (inference needs no LSE)
 ):
     h = tl.program_id(1)
     e, b, m0, q_start, q_len = _tile(NB0, NB1, NB2, CUQ0, CUQ1, CUQ2, B, BLOCK_M, NUM_EXPERTS)
@@ -271,8 +272,9 @@ def _fwd_kernel(
     o_base = _pick(e, O0, O1, O2, NUM_EXPERTS) + q_start.to(tl.int64) * (H * HEAD_D) + h * HEAD_D
     tl.store(o_base + rows[:, None] * (H * HEAD_D) + offs_d[None, :],
              acc.to(O0.dtype.element_ty), mask=row_ok[:, None])
-    lse_base = _pick(e, LSE0, LSE1, LSE2, NUM_EXPERTS) + q_start.to(tl.int64) * H + h
-    tl.store(lse_base + rows * H, lse, mask=row_ok)
+    if WRITE_LSE:
+        lse_base = _pick(e, LSE0, LSE1, LSE2, NUM_EXPERTS) + q_start.to(tl.int64) * H + h
+        tl.store(lse_base + rows * H, lse, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -555,10 +557,11 @@ def attention_forward(q: Sequence[Optional[Tensor]], k: Sequence[Tensor], v: Seq
 
 def forward_launcher(q: Sequence[Optional[Tensor]], k: Sequence[Tensor], v: Sequence[Tensor],
                      cu_q: Sequence[Tensor], cu_k: Sequence[Tensor], max_q: Sequence[int], *, visible_bits: int,
-                     softmax_scale: float, causal: bool = False, config: Optional[AttentionConfig] = None):
+                     softmax_scale: float, causal: bool = False, config: Optional[AttentionConfig] = None,
+                     write_lse: bool = True):
     """What a forward launch needs from the inputs' signature (shapes, strides, dtype, bounds), computed once:
     returns launch(q, k, v, cu_q, cu_k, out=None, lse=None) -> (out, lse) for any inputs of that signature (head
-    dim contiguous, as _unit_stride makes it)."""
+    dim contiguous, as _unit_stride makes it). Without `write_lse` the kernel writes no LSE and lse is all None."""
     E = len(k)
     if not 1 <= E <= MAX_EXPERTS:
         raise ValueError(f"the Triton joint attention supports 1..{MAX_EXPERTS} experts, got {E}")
@@ -578,23 +581,28 @@ def forward_launcher(q: Sequence[Optional[Tensor]], k: Sequence[Tensor], v: Sequ
     scalars = (*_token_head_strides(q_ptrs), *_token_head_strides(k), *_token_head_strides(v), *_padded(nb, 0),
                B, H, softmax_scale * LOG2E)
     consts = dict(NUM_EXPERTS=E, VISIBLE=bits, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, HEAD_D=D,
-                  PRECISION=_precision(dtype), num_warps=config.fwd.num_warps, num_stages=config.fwd.num_stages)
+                  PRECISION=_precision(dtype), WRITE_LSE=write_lse, num_warps=config.fwd.num_warps,
+                  num_stages=config.fwd.num_stages)
     pad = [None] * (MAX_EXPERTS - E)
     all_q, first_q = all(has_q), (has_q.index(True) if any(has_q) else 0)
 
     def launch(q, k, v, cu_q, cu_k, out=None, lse=None):
         if out is None:
             out = [None if s is None else torch.empty(s, dtype=dtype, device=device) for s in out_shapes]
-        if lse is None:
+        if not write_lse:
+            lse = [None] * E
+        elif lse is None:
             lse = [None if s is None else torch.empty(s[:2], dtype=torch.float32, device=device) for s in out_shapes]
         if grid[0] == 0 or H == 0:
             return out, lse
         qs, outs, lses = q, out, lse
-        if not all_q:   # experts without queries still need pointers of the right type in the q/out/lse slots
-            spare = lse[first_q]                   # (never read nor written): another expert's
+        # experts without queries still need pointers of the right type in the q/out/lse slots (never read nor
+        # written): another expert's
+        if not all_q and write_lse:
+            lses = [lse[e] if has_q[e] else lse[first_q] for e in range(E)]
+        if not all_q:
             qs = [q[e] if has_q[e] else k[e] for e in range(E)]
             outs = [out[e] if has_q[e] else k[e] for e in range(E)]
-            lses = [lse[e] if has_q[e] else spare for e in range(E)]
         _fwd_kernel[grid](*qs, *pad, *k, *pad, *v, *pad, *outs, *pad, *lses, *pad, *cu_q, *pad, *cu_k, *pad,
                           *scalars, **consts)
         return out, lse
@@ -695,7 +703,8 @@ def compile_targets(dtypes=GPU_DTYPES, head_dims=(64, 128)):
                 for kname, fn, blocks in (("fwd", _fwd_kernel, cfg.fwd), ("dkdv", _dkdv_kernel, cfg.dkdv),
                                           ("dq", _dq_kernel, cfg.dq)):
                     consts = dict(NUM_EXPERTS=E, VISIBLE=bits, CAUSAL=causal, BLOCK_M=blocks.block_m,
-                                  BLOCK_N=blocks.block_n, HEAD_D=D, PRECISION=_precision(dtype))
+                                  BLOCK_N=blocks.block_n, HEAD_D=D, PRECISION=_precision(dtype),
+                                  **({"WRITE_LSE": True} if kname == "fwd" else {}))
                     yield dict(name=f"{kname} {dt} d{D} {tag} {blocks.block_m}x{blocks.block_n} "
                                     f"w{blocks.num_warps} s{blocks.num_stages}",
                                fn=fn, **_signature(fn, dt, E, consts),

@@ -108,6 +108,7 @@ def _fwd_kernel(
     B, H, qk_scale,                                # qk_scale = softmax_scale * log2(e)
     NUM_EXPERTS: tl.constexpr, VISIBLE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, PRECISION: tl.constexpr,
+    WRITE_LSE: tl.constexpr,                       # False: LSE* are None (inference needs no LSE)
 ):
     h = tl.program_id(1)
     e, b, m0, q_start, q_len = _tile(NB0, NB1, NB2, CUQ0, CUQ1, CUQ2, B, BLOCK_M, NUM_EXPERTS)
@@ -148,9 +149,10 @@ def _fwd_kernel(
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2_DEVICE)
     o_desc = _segment(_pick(e, O0, O1, O2, NUM_EXPERTS), q_start, q_len, H * HEAD_D, h * HEAD_D, BLOCK_M, HEAD_D)
     o_desc.store([m0, 0], acc.to(O0.dtype.element_ty))                 # rows past q_len are dropped
-    rows = m0 + tl.arange(0, BLOCK_M)
-    lse_base = _pick(e, LSE0, LSE1, LSE2, NUM_EXPERTS) + q_start.to(tl.int64) * H + h
-    tl.store(lse_base + rows * H, lse, mask=rows < q_len)
+    if WRITE_LSE:
+        rows = m0 + tl.arange(0, BLOCK_M)
+        lse_base = _pick(e, LSE0, LSE1, LSE2, NUM_EXPERTS) + q_start.to(tl.int64) * H + h
+        tl.store(lse_base + rows * H, lse, mask=rows < q_len)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,8 +215,9 @@ def _check_aligned(**named: Sequence[Optional[Tensor]]) -> None:
 
 def forward_launcher(q: Sequence[Optional[Tensor]], k: Sequence[Tensor], v: Sequence[Tensor],
                      cu_q: Sequence[Tensor], cu_k: Sequence[Tensor], max_q: Sequence[int], *, visible_bits: int,
-                     softmax_scale: float, causal: bool = False, config: Optional[HopperConfig] = None):
-    """kernels/joint_attention.forward_launcher's contract, on the Hopper kernel: returns
+                     softmax_scale: float, causal: bool = False, config: Optional[HopperConfig] = None,
+                     write_lse: bool = True):
+    """kernels/joint_attention.forward_launcher's contract (write_lse included), on the Hopper kernel: returns
     launch(q, k, v, cu_q, cu_k, out=None, lse=None) -> (out, lse) for inputs of this signature. Raises ValueError
     (naming the field) for inputs ``unsupported`` refuses."""
     interp = k[0].device.type == "cpu"
@@ -235,13 +238,16 @@ def forward_launcher(q: Sequence[Optional[Tensor]], k: Sequence[Tensor], v: Sequ
     scalars = (*_token_head_strides(q_ptrs), *_token_head_strides(k), *_token_head_strides(v), *_padded(nb, 0),
                B, H, softmax_scale * LOG2E)
     consts = dict(NUM_EXPERTS=E, VISIBLE=bits, BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_D=D,
-                  PRECISION=_precision(dtype), num_warps=config.num_warps, num_stages=config.num_stages)
+                  PRECISION=_precision(dtype), WRITE_LSE=write_lse, num_warps=config.num_warps,
+                  num_stages=config.num_stages)
     pad = [None] * (MAX_EXPERTS - E)
 
     def launch(q, k, v, cu_q, cu_k, out=None, lse=None):
         if out is None:
             out = [None if s is None else torch.empty(s, dtype=dtype, device=device) for s in out_shapes]
-        if lse is None:
+        if not write_lse:
+            lse = [None] * E
+        elif lse is None:
             lse = [None if s is None else torch.empty(s[:2], dtype=torch.float32, device=device) for s in out_shapes]
         if grid[0] == 0 or H == 0:
             return out, lse
@@ -249,7 +255,7 @@ def forward_launcher(q: Sequence[Optional[Tensor]], k: Sequence[Tensor], v: Sequ
         if not interp:
             _ensure_allocator()
         # experts without queries still need pointers of the right type in the q/out/lse slots; never read
-        spare = None if all(has_q) else torch.empty(0, dtype=torch.float32, device=device)
+        spare = None if all(has_q) or not write_lse else torch.empty(0, dtype=torch.float32, device=device)
         _fwd_kernel[grid](
             *[q[e] if has_q[e] else k[e] for e in range(E)], *pad, *k, *pad, *v, *pad,
             *[out[e] if has_q[e] else k[e] for e in range(E)], *pad,
@@ -285,7 +291,7 @@ def compile_targets(dtypes=(torch.float16, torch.bfloat16), head_dims=HEAD_DIMS)
                 variants.append(("E3-masked", prefix_cache))
             for tag, bits in variants:
                 consts = dict(NUM_EXPERTS=3, VISIBLE=bits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D,
-                              PRECISION=_precision(dtype))
+                              PRECISION=_precision(dtype), WRITE_LSE=True)   # the larger variant
                 yield dict(name=f"hopper fwd {dt} d{D} {tag} {cfg.block_m}x{cfg.block_n} w{cfg.num_warps} "
                                 f"s{cfg.num_stages}",
                            fn=_fwd_kernel, **_signature(_fwd_kernel, dt, 3, consts),

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from motus_fast.backend import choose
 from motus_fast.ops.availability import (PlanCache, backend_setting, cuda_ops_run_on, eager_call, launch_budget,
-                                         needs_grad, signature, triton_runs_on)
+                                         needs_grad, triton_runs_on)
 from motus_fast.ops.profiling import annotate
 
 Tensor = torch.Tensor
@@ -69,8 +69,9 @@ def adaln_modulate(x: Tensor, shift: Optional[Tensor], scale: Optional[Tensor], 
         return _plan("adaln_modulate", x, None, None, shift, scale, eps, norm)(x, None, None, shift, scale)[1]
     # the plan of this input signature: checks, backend choice and launch arguments, built once
     grad = torch.is_grad_enabled()
-    key = ("adaln_modulate", norm, eps, grad, backend_setting(), signature(grad, x, shift, scale))
-    run = _PLANS.get(key) or _PLANS.put(key, _plan("adaln_modulate", x, None, None, shift, scale, eps, norm))
+    key, tensors = ("adaln_modulate", norm, eps, grad, backend_setting()), (x, shift, scale)
+    run = _PLANS.get(key, tensors) or _PLANS.put(key, tensors,
+                                                 _plan("adaln_modulate", x, None, None, shift, scale, eps, norm))
     return run(x, None, None, shift, scale)[1]
 
 
@@ -82,8 +83,9 @@ def gated_residual_adaln(x: Tensor, y: Tensor, gate: Optional[Tensor], shift: Op
     if not eager_call():
         return _plan("gated_residual_adaln", x, y, gate, shift, scale, eps, norm)(x, y, gate, shift, scale)
     grad = torch.is_grad_enabled()
-    key = ("gated_residual_adaln", norm, eps, grad, backend_setting(), signature(grad, x, y, gate, shift, scale))
-    run = _PLANS.get(key) or _PLANS.put(key, _plan("gated_residual_adaln", x, y, gate, shift, scale, eps, norm))
+    key, tensors = ("gated_residual_adaln", norm, eps, grad, backend_setting()), (x, y, gate, shift, scale)
+    run = _PLANS.get(key, tensors) or _PLANS.put(key, tensors,
+                                                 _plan("gated_residual_adaln", x, y, gate, shift, scale, eps, norm))
     return run(x, y, gate, shift, scale)
 
 
@@ -158,10 +160,10 @@ _LAUNCHES = PlanCache()
 
 def _forward(x, y, gate, shift, scale, eps, rms):
     x, y, gate, shift, scale = map(_unit_last, (x, y, gate, shift, scale))
-    key = (eps, rms, signature(False, x, y, gate, shift, scale))
-    launch = _LAUNCHES.get(key)
+    key, tensors = (eps, rms), (x, y, gate, shift, scale)
+    launch = _LAUNCHES.get(key, tensors)
     if launch is None:
-        launch = _LAUNCHES.put(key, _launcher(x, y, gate, shift, scale, eps, rms))
+        launch = _LAUNCHES.put(key, tensors, _launcher(x, y, gate, shift, scale, eps, rms))
     h = torch.empty(*x.shape, dtype=x.dtype, device=x.device)
     x_out = None if y is None else torch.empty(*x.shape, dtype=x.dtype, device=x.device)
     launch(x, y, gate, shift, scale, x_out, h)

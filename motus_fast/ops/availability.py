@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
+import operator
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -97,15 +99,12 @@ def _sm_count() -> int:
 # ---- per-signature launch plans ---------------------------------------------------------------------------------
 # At inference shapes a kernel runs for tens of microseconds, so the host work around it must be small: checks,
 # backend choice and launch arguments depend only on the inputs' signature (shapes, strides, dtypes, devices,
-# whether they need grad), so the ops compute them once per signature and keep the result here.
-def signature(grad: bool, *tensors: Optional[torch.Tensor]) -> tuple:
-    """The plan key of `tensors`: shape, strides, dtype, device, and (only when grad mode is on, `grad`: the one
-    case where it changes the plan) requires_grad. ~0.4 us per tensor, the cheapest complete key found in Python
-    (attrgetter/methodcaller, flat tuples and get_device() were slower)."""
-    if grad:
-        return tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
-                      for t in tensors])
-    return tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in tensors])
+# whether they need grad), so the ops compute them once per signature and keep the result in a PlanCache.
+def signature(*tensors: Optional[torch.Tensor]) -> tuple:
+    """The plan key of `tensors` in Python: shape, strides, dtype, device, requires_grad (None stays None). ~0.4 us
+    per tensor; PlanCache.get avoids it on the common path."""
+    return tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+                  for t in tensors])
 
 
 # MOTUS_BACKEND is part of every plan key (a change must be seen by the next call). os.environ.get costs ~0.7 us
@@ -121,18 +120,98 @@ def backend_setting():
     return os.environ.get("MOTUS_BACKEND")
 
 
-class PlanCache(dict):
-    """signature key -> plan; cleared when it reaches `size` entries (shapes that never repeat cannot grow it)."""
 
-    def __init__(self, size: int = 512):
-        super().__init__()
-        self.size = size
+@functools.lru_cache(maxsize=None)
+def tensor_guards():
+    """torch's C++ tensor-signature check (torch._C._dynamo.guards.TensorGuards, what torch.compile guards graphs
+    with): built over some tensors, ``check(*others)`` is True iff the others match them in type, dispatch keys,
+    dtype, device, shape, strides and requires_grad (and alias nothing) -- our signature, compared in ~0.03 us per
+    tensor instead of the ~0.4 us of building a Python key. Private API: it is used only after a self-test shows
+    it rejects each difference the plans depend on; otherwise None, with one log line, and the Python keys."""
+    try:
+        from torch._C._dynamo.guards import TensorGuards
 
-    def put(self, key, plan):
-        if len(self) >= self.size:
-            self.clear()
-        self[key] = plan
+        def build(*tensors):   # sizes and strides given are checked; a None would mark a dynamic one
+            return TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                                dynamic_dims_strides=[list(t.stride()) for t in tensors])
+
+        x = torch.zeros(2, 3)
+        g = build(x)
+        others = {"shape": torch.zeros(4, 3), "strides": torch.zeros(3, 2).t(),    # (one differs, the other not)
+                  "dtype": torch.zeros(2, 3).double(), "requires_grad": torch.zeros(2, 3, requires_grad=True)}
+        wrong = [name for name, t in others.items() if g.check(t)]
+        if not g.check(torch.ones(2, 3)) or wrong:
+            raise RuntimeError(f"its check does not tell {wrong or 'equal signatures'} apart")
+        return build
+    except Exception as err:   # noqa: BLE001 (any failure of a private API: use the Python keys, say so)
+        logging.getLogger("motus_fast").info(
+            "op plans: torch's C++ tensor guards are unusable here (%s); plan keys are built in Python (~0.4 us "
+            "per tensor per call)", err)
+        return None
+
+
+class PlanCache:
+    """(key, tensors) -> plan, for plans that depend on the op's parameters (`key`, hashable) and on its tensor
+    arguments' signatures (`tensors`, None allowed). Plans are stored under the Python signature; each also gets a
+    C++ guard (tensor_guards), and a lookup first tries the guards of the recent plans of this key (at most
+    `slots`), in order. Tensors that alias each other cannot be guarded (the check refuses them): their plans are
+    found through the Python key. Cleared when it holds `size` plans (shapes that never repeat cannot grow it)."""
+
+    def __init__(self, size: int = 512, slots: int = 8):
+        self.size, self.slots = size, slots
+        self._plans: dict = {}         # (key, signature) -> plan
+        self._guarded: dict = {}       # key -> [(guard, positions of None, pick the others, plan)], oldest first
+        self._unguarded: set = set()   # (key, signature) of plans whose tensors could not be guarded
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def clear(self) -> None:
+        self._plans.clear()
+        self._guarded.clear()
+        self._unguarded.clear()
+
+    def get(self, key, tensors: Sequence):
+        """The plan of `key` and these tensors' signature, or None."""
+        slots = self._guarded.get(key)
+        if slots:
+            try:
+                for guard, nones, pick, plan in slots:
+                    if nones is None:     # a None where the guard has a tensor fails its type check
+                        if guard.check(*tensors):
+                            return plan
+                    elif all(tensors[i] is None for i in nones) and guard.check(*pick(tensors)):
+                        return plan
+            except TypeError:   # a guard of another number of tensors ("wrong length"): not this plan
+                pass
+        full = (key, signature(*tensors))
+        plan = self._plans.get(full)
+        if plan is not None and full not in self._unguarded:
+            self._guard(key, tensors, plan, full)
         return plan
+
+    def put(self, key, tensors: Sequence, plan):
+        if len(self._plans) >= self.size:
+            self.clear()
+        full = (key, signature(*tensors))
+        self._plans[full] = plan
+        self._guard(key, tensors, plan, full)
+        return plan
+
+    def _guard(self, key, tensors, plan, full) -> None:
+        build = tensor_guards()
+        present = [i for i, t in enumerate(tensors) if t is not None]
+        guard = None if build is None or not present else build(*[tensors[i] for i in present])
+        if guard is None or not guard.check(*[tensors[i] for i in present]):   # aliasing tensors, or no guards
+            self._unguarded.add(full)
+            return
+        nones = None if len(present) == len(tensors) else [i for i, t in enumerate(tensors) if t is None]
+        pick = None if nones is None else (lambda ts, i=present[0]: (ts[i],)) if len(present) == 1 else \
+            operator.itemgetter(*present)
+        slots = self._guarded.setdefault(key, [])
+        if len(slots) >= self.slots:
+            del slots[0]
+        slots.append((guard, nones, pick, plan))
 
 
 def eager_call() -> bool:

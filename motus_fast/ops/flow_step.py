@@ -22,7 +22,7 @@ import torch
 
 from motus_fast.backend import choose
 from motus_fast.ops.availability import (PlanCache, backend_setting, cuda_ops_run_on, eager_call, launch_budget,
-                                         needs_grad, signature, triton_runs_on)
+                                         needs_grad, triton_runs_on)
 from motus_fast.ops.profiling import annotate
 
 Tensor = torch.Tensor
@@ -108,10 +108,10 @@ def euler_step(xs: Sequence[Tensor], vs: Sequence[Tensor], dt: Tensor,
     if not eager_call():
         return _euler_plan(xs, vs, dt, conds)(xs, vs, dt, conds)
     grad = torch.is_grad_enabled()
-    key = (len(xs), len(vs), len(conds), signature(grad, *xs, *vs, *conds, dt), grad, backend_setting())
-    run = _PLANS.get(key)
+    key, tensors = (len(xs), len(vs), len(conds), grad, backend_setting()), (*xs, *vs, *conds, dt)
+    run = _PLANS.get(key, tensors)
     if run is None:
-        run = _PLANS.put(key, _euler_plan(xs, vs, dt, conds))
+        run = _PLANS.put(key, tensors, _euler_plan(xs, vs, dt, conds))
     return run(xs, vs, dt, conds)
 
 

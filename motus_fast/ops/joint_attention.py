@@ -25,6 +25,7 @@ bounds); device ones are the caller's promise, as in flash_attn_varlen_func.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -34,8 +35,7 @@ import torch.nn.functional as F
 from motus_fast.backend import choose, requested_backend
 from motus_fast.kernels import interpreting
 from motus_fast.ops import attention_dispatch
-from motus_fast.ops.availability import (PlanCache, backend_setting, eager_call, needs_grad, signature,
-                                         triton_runs_on)
+from motus_fast.ops.availability import PlanCache, backend_setting, eager_call, needs_grad, triton_runs_on
 from motus_fast.ops.profiling import annotate
 
 Tensor = torch.Tensor
@@ -65,15 +65,17 @@ def joint_attention(
     per-expert natural-log LSE, fp32 [T_e, H] (-inf for a query that sees no key; its output is 0).
     """
     if max_seqlens is not None and not isinstance(visible, Tensor) and eager_call():
-        # the checks, backend choice and launch arguments depend only on this key: built once per signature
+        # the checks, backend choice and launch arguments depend only on these parameters and the tensors'
+        # signatures: built once
         grad = torch.is_grad_enabled()
-        key = (signature(grad, *q, *k, *v, *cu_seqlens), None if visible is None else tuple(map(tuple, visible)),
-               tuple(max_seqlens), softmax_scale, grad, backend_setting())
-        plan = _PLANS.get(key)
+        key = (None if visible is None else tuple(map(tuple, visible)), tuple(max_seqlens), softmax_scale, grad,
+               backend_setting())
+        tensors = (*q, *k, *v, *cu_seqlens)
+        plan = _PLANS.get(key, tensors)
         if plan is None:   # (the first call checks the boundary values in check_joint_inputs)
-            plan = _PLANS.put(key, (_joint_plan(q, k, v, cu_seqlens, visible, softmax_scale, max_seqlens),
-                                    _boundary_check(cu_seqlens, k, max_seqlens)))
-        elif plan[1] is not None:   # values, not signature: checked every call (CPU ones; device ones are trusted)
+            plan = _PLANS.put(key, tensors, (_joint_plan(q, k, v, cu_seqlens, visible, softmax_scale, max_seqlens),
+                                             _boundary_check(cu_seqlens, k, max_seqlens)))
+        elif plan[1] is not None:   # values, not signature: checked for each new CPU tensor (device ones are trusted)
             plan[1](cu_seqlens)
         run = plan[0]
     else:
@@ -87,21 +89,28 @@ _PLANS = PlanCache()
 
 def _boundary_check(cu_seqlens, k, max_seqlens):
     """-> check(cu_seqlens) of the CPU boundaries' values for later calls of this signature (None: none on CPU).
-    The common case is one comparison per boundary; a failure goes to _check_boundaries for its message."""
+    The common case is one comparison per boundary; a failure goes to _check_boundaries for its message. A tensor
+    found valid is not read again while it is the one passed and its version counter (bumped by every in-place
+    torch op) is unchanged: the model passes the same boundaries to every layer."""
     cpu = [(e, k[e].shape[0], max_seqlens[e]) for e, c in enumerate(cu_seqlens) if c.device.type == "cpu"]
     if not cpu:
         return None
+    valid = [(None, -1)] * len(cu_seqlens)   # per expert: the last tensor found valid, and its version then
 
     def check(cu_seqlens):
         for e, total, bound in cpu:
-            b = cu_seqlens[e].tolist()
+            c = cu_seqlens[e]
+            if valid[e][0] is c and valid[e][1] == c._version:
+                continue
+            b = c.tolist()
             prev = b[0]
             ok = prev == 0 and b[-1] == total
             for x in b:
                 ok = ok and prev <= x <= prev + bound
                 prev = x
             if not ok:
-                _check_boundaries(f"cu_seqlens[{e}]", cu_seqlens[e], total, bound, f"max_seqlens[{e}]")
+                _check_boundaries(f"cu_seqlens[{e}]", c, total, bound, f"max_seqlens[{e}]")
+            valid[e] = (c, c._version)
     return check
 
 
@@ -142,28 +151,32 @@ def _triton_plan(q, k, v, cu_seqlens, visible, scale, max_seqlens, hopper=False)
         attention_dispatch.fall_back("joint_attention", "triton_hopper", "it serves the eager inference forward "
                                      "only; autograd and torch.compile run the portable kernels")
     if direct:   # eager inference: no dispatcher, launch arguments computed once
-        launch = forward_launcher(q, k, v, cu_seqlens, cu_seqlens, list(max_seqlens), visible_bits=bits,
-                                  softmax_scale=float(scale))
+        # (the plan keeps no tensor: a launcher is built from the tensors of the call that first needs it)
+        launcher = functools.partial(forward_launcher, max_q=list(max_seqlens), visible_bits=bits,
+                                     softmax_scale=float(scale))
+        launch = launcher(q, k, v, cu_seqlens, cu_seqlens, write_lse=False)   # no LSE asked: none written
+        with_lse = []                                                          # built when first asked for
+
+        def launch_lse(q, k, v, cu_q, cu_k, out):
+            if not with_lse:
+                with_lse.append(launcher(q, k, v, cu_q, cu_k, write_lse=True))
+            return with_lse[0](q, k, v, cu_q, cu_k, out)
         convert = any(c.dtype != torch.int32 or c.device != dev for c in cu_seqlens)
         # outputs: empty_like a contiguous q (half torch.empty's cost), else a contiguous [T, H, D]
         like_q = [t is not None and t.is_contiguous() for t in q]
         shapes = [None if t is None else tuple(t.shape) for t in q]
         dtype = k[0].dtype
-        # the kernel always writes an LSE; a caller who does not want it gets one fresh scratch row block for all
-        # experts (never read, so experts may overwrite each other's rows; nothing outlives the call)
-        rows = max((t.shape[0] for t in q if t is not None), default=0)
-        scratch_shape = (rows, k[0].shape[1])
+        if all(like_q) and not convert:   # the common case, in fewer steps
+            def run_contiguous(q, k, v, cu, return_lse):
+                return (launch_lse if return_lse else launch)(q, k, v, cu, cu, [torch.empty_like(t) for t in q])
+            return run_contiguous
 
         def run(q, k, v, cu, return_lse):
             if convert:
                 cu = as_int32(cu)
             out = [torch.empty_like(t) if like else None if t is None else torch.empty(*s, dtype=dtype, device=dev)
                    for t, like, s in zip(q, like_q, shapes)]
-            if return_lse:
-                return launch(q, k, v, cu, cu, out)
-            scratch = torch.empty(scratch_shape, dtype=torch.float32, device=dev)
-            out, _ = launch(q, k, v, cu, cu, out, [None if t is None else scratch for t in q])
-            return out, [None] * len(q)
+            return (launch_lse if return_lse else launch)(q, k, v, cu, cu, out)
         return run
 
     def run(q, k, v, cu, return_lse):   # the custom op: autograd and torch.compile

@@ -22,7 +22,7 @@ import torch
 
 from motus_fast.backend import choose
 from motus_fast.ops.availability import (PlanCache, backend_setting, eager_call, launch_budget, needs_grad,
-                                         signature, triton_runs_on)
+                                         triton_runs_on)
 from motus_fast.ops.profiling import annotate
 
 Tensor = torch.Tensor
@@ -78,10 +78,10 @@ def qk_norm_rope(experts: Sequence[ExpertQK], num_heads: int) -> list[tuple[Opti
     tensors = []
     for e in experts:
         tensors += (e.q, e.k, e.weight_q, e.weight_k, *(e.rope or _NO_ROPE))
-    key = (num_heads, signature(grad, *tensors), tuple([e.eps for e in experts]), grad, backend_setting())
-    run = _PLANS.get(key)
+    key = (num_heads, tuple([e.eps for e in experts]), grad, backend_setting())
+    run = _PLANS.get(key, tensors)
     if run is None:
-        run = _PLANS.put(key, _plan(experts, num_heads))
+        run = _PLANS.put(key, tensors, _plan(experts, num_heads))
     return run(experts)
 
 

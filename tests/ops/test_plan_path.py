@@ -169,6 +169,10 @@ def test_boundary_values_are_checked_on_every_call(triton_backend):
         joint_attention([q], [q], [q], [torch.tensor([0, 2, 8], dtype=torch.int32)], max_seqlens=[5])
     with pytest.raises(ValueError, match=r"must rise"):
         joint_attention([q], [q], [q], [torch.tensor([0, 9, 8], dtype=torch.int32)], max_seqlens=[5])
+    joint_attention([q], [q], [q], [good], max_seqlens=[5])                   # found valid: not read again...
+    good[1] = 9                                                               # ...until changed in place
+    with pytest.raises(ValueError, match=r"must rise"):
+        joint_attention([q], [q], [q], [good], max_seqlens=[5])
 
 
 def test_new_strides_get_their_own_launch(triton_backend):
@@ -208,3 +212,41 @@ def test_a_changed_backend_is_seen(monkeypatch):
         monkeypatch.setenv("MOTUS_BACKEND", "triton")
         adaln_modulate(x, table[:, :, 0], table[:, :, 1], 1e-6)
         assert calls == [1]
+
+
+def test_inference_writes_the_lse_only_when_asked(triton_backend):
+    """The eager inference plan launches a kernel variant without the LSE store unless return_lse: same outputs
+    either way, and the LSE, when asked for, is the reference's."""
+    from motus_fast.ops.joint_attention import joint_attention_reference
+
+    inputs, _ = _attention()
+    q0, q1, k0, k1, k2, v0, v1, v2 = inputs
+    lens = [(3, 5), (2, 1), (4, 2)]
+    cu = [torch.tensor([0, a, a + b], dtype=torch.int32, device=DEVICE) for a, b in lens]
+    args = ([q0, q1, None], [k0, k1, k2], [v0, v1, v2], cu)
+    with torch.no_grad(), CustomOpCalls() as fast:
+        plain = joint_attention(*args, max_seqlens=[5, 2, 4])
+        out, lse = joint_attention(*args, max_seqlens=[5, 2, 4], return_lse=True)
+    assert fast.names == []
+    _, want = joint_attention_reference(*[[None if t is None else t.double() for t in ts] for ts in args[:3]], cu,
+                                        return_lse=True)
+    for e in range(2):
+        assert torch.equal(plain[e], out[e])
+        torch.testing.assert_close(lse[e].double(), want[e], atol=1e-5, rtol=1e-5)
+    assert plain[2] is None and lse[2] is None
+
+
+def test_plans_keep_no_tensor_alive(triton_backend):
+    """A cached plan holds what the signature determines, not the tensors of the call that built it."""
+    import gc
+    import weakref
+
+    for name, make in OPS.items():
+        inputs, call = make()
+        with torch.no_grad():
+            call(*inputs)
+            call(*inputs)                               # through the cached plan (and its lookups)
+        refs = [weakref.ref(t) for t in inputs if isinstance(t, torch.Tensor) and t._base is None]
+        del inputs
+        gc.collect()
+        assert all(r() is None for r in refs), name
