@@ -23,7 +23,7 @@ and the per-call block-mask build are part of its measured cost: flex_joint).
 Rule for a key the table lacks (or no table): ours, the one candidate that serves every visibility and layout
 without repacking; entries at other lengths are not extrapolated. A table choice that cannot run here (package
 missing, masked visibility for flash_attn, another GPU or unaligned strides for triton_hopper, a torch without
-flex_attention) falls back to ours with one WARNING line. Each decision is logged once per key.
+flex_attention or autograd through flex on CPU) falls back to ours with one WARNING line. Each decision is logged once per key.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+
+from motus_fast.ops.availability import needs_grad
 
 log = logging.getLogger("motus_fast")
 
@@ -96,7 +98,7 @@ def load_table(path: str) -> dict:
 
 def runnable(candidate: str, device: torch.device, cls: str, inputs: Optional[tuple] = None) -> Optional[str]:
     """None if `candidate` can run here, else why not. `inputs` = (q, k, v) lists also checks what depends on the
-    tensors (triton_hopper: dtype, head dim, 16-byte strides)."""
+    tensors (triton_hopper: dtype, head dim, 16-byte strides; flex: autograd on CPU)."""
     if candidate == "triton_hopper":
         if device.type != "cuda":
             return "the Hopper forward runs on CUDA devices of compute capability 9.x only"
@@ -116,7 +118,11 @@ def runnable(candidate: str, device: torch.device, cls: str, inputs: Optional[tu
         if not cls.startswith("all/"):
             return "flash_attn cannot express a visibility mask"
     if candidate == "flex":
-        return flex_attention_missing(device)
+        why = flex_attention_missing(device)
+        if why is None and device.type == "cpu" and inputs is not None and needs_grad(*inputs[0], *inputs[1],
+                                                                                      *inputs[2]):
+            why = "flex_attention has no backward on CPU"
+        return why
     return None
 
 
