@@ -23,7 +23,8 @@ and the per-call block-mask build are part of its measured cost: flex_joint).
 Rule for a key the table lacks (or no table): ours, the one candidate that serves every visibility and layout
 without repacking; entries at other lengths are not extrapolated. A table choice that cannot run here (package
 missing, masked visibility for flash_attn, another GPU or unaligned strides for triton_hopper, a torch without
-flex_attention or autograd through flex on CPU) falls back to ours with one WARNING line. Each decision is logged once per key.
+flex_attention or autograd through flex on CPU) falls back to ours with one WARNING line. Each decision is logged
+once per key.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 through the public op against the fp64 reference (FlashAttention's rule, DESIGN.md section 6) for all-visible and
 masked visibility, odd lengths, empty segments, a query expert that sees nothing and a keys-only expert, fp32 and
 fp16, outputs and LSE; its block mask against torch's own create_block_mask; a table that picks it is honoured;
-and where flex_attention cannot run (no flex_attention; autograd on CPU), the one-line fallback to ours. On CPU flex_attention runs its eager math (the
-block lists only matter to the compiled kernel, hence the separate block-mask check)."""
+and where flex_attention cannot run (no flex_attention; autograd on CPU), the one-line fallback to ours. On CPU
+flex_attention runs its eager math (the block lists only matter to the compiled kernel, hence the separate
+block-mask check)."""
 
 import json
 import logging
