@@ -8,6 +8,7 @@ block-mask check)."""
 
 import json
 import logging
+import os
 import sys
 import warnings
 
@@ -195,3 +196,26 @@ def test_flex_lse_is_natural_log():
         _, aux = flex_attention(q, k, v, scale=0.25, return_aux=AuxRequest(lse=True))
     want = torch.logsumexp(q[0, 0].double() @ k[0, 0].double().T * 0.25, dim=-1)
     torch.testing.assert_close(aux.lse[0, 0].double(), want, atol=1e-5, rtol=1e-5)
+
+
+@interpreted
+def test_tune_times_the_flex_candidate_through_the_public_op(fresh, monkeypatch):
+    """bench.attention --tune reaches flex through auto with a one-entry table (the same host path as the other
+    candidates, its concatenation and block mask included): the plan is built once and computes flex's numbers."""
+    from bench.attention import Problem, Shape, _candidate_call
+
+    built = spy_flex(monkeypatch)
+    monkeypatch.setenv(AD.TABLE_ENV, "/nonexistent/table.json")
+    p = Problem(Shape("t", 2, (20, 3, 8), H, D), True, torch.float32, CPU)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fwd = _candidate_call("flex", p, MASK, [20, 3, 8])
+        fwd()
+        plans = list(JA._PLANS.values())               # kept: (run, boundary check) of the one signature
+        got, _ = plans[0][0](p.q, p.k, p.v, p.cu, False)
+    assert len(built) == 1 and len(plans) == 1        # built once (the first call), reused after
+    assert os.environ[AD.TABLE_ENV] == "/nonexistent/table.json"
+    want, _ = joint_attention_reference([t.double() for t in p.q], [t.double() for t in p.k],
+                                        [t.double() for t in p.v], p.cu, MASK)
+    for e in range(3):
+        torch.testing.assert_close(got[e].double(), want[e], atol=2e-5, rtol=2e-5)
