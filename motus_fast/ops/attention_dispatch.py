@@ -204,9 +204,10 @@ def _compiled_flex():
     return torch.compile(flex_attention)
 
 
-def flex_joint(q, k, visible, scale):
+def flex_joint(q, k, cu_seqlens, visible, scale, max_seqlens):
     """-> run(q, k, v, cu_seqlens, return_lse) -> (out, lse) per expert: joint attention with flex_attention, for
-    inputs of this signature (q/k/v per expert as joint_attention takes them; visible: python rows or None).
+    inputs of this signature (q/k/v/cu_seqlens per expert as joint_attention takes them; visible: python rows or
+    None; max_seqlens: the per-expert bounds of the sample lengths).
 
     The query experts' buffers and all key/value buffers are concatenated in expert order (one copy each: the pack
     cost); token t of the concatenation belongs to segment ``e * B + b`` (expert e, sample b), and query segment g
@@ -215,24 +216,32 @@ def flex_joint(q, k, visible, scale):
     its log2 statistics). A query that sees no key gets output 0 and LSE -inf from flex itself: the eager math
     masks the row, the compiled kernel sets the empty row's normaliser to 1 (torch 2.13's template).
 
-    Cost outside the kernel, per call: the concatenation, and the block mask, which depends on the boundary values
-    (not on the signature) so cannot be built once per plan: segment ids by searchsorted (O(T)), block-level
-    presence and visibility by two small matmuls over [blocks, E*B] (no O(T_q * T_k) dense mask, unlike
-    create_block_mask), argsorts over [q blocks, kv blocks]; ~20 small device launches, no host sync. When the
-    boundaries are CPU tensors the mask of the last boundary values is kept and reused (reading them is free)."""
+    Cost outside the kernel: the concatenation, per call; and the block mask (flex_block_mask: segment ids by
+    searchsorted, O(T); block-level visibility by two small matmuls over [blocks, E*B], no O(T_q * T_k) dense mask
+    as create_block_mask builds; argsorts over [q blocks, kv blocks]; ~25 small device launches, no host sync). The
+    mask depends on the boundary values, not only on the signature, so it is built here once only when the shapes
+    fix them: every expert's buffer holds B x its bound (T_e == B * max_seqlens[e], so every sample has exactly the
+    bound; e.g. any B == 1 call). Otherwise it is rebuilt per call, except that CPU boundaries (free to read) keep
+    the mask of the last values seen."""
     from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
-    E = len(k)
+    E, B = len(k), cu_seqlens[0].numel() - 1
     q_experts = [e for e in range(E) if q[e] is not None]
     q_sizes, k_sizes = [q[e].shape[0] for e in q_experts], [t.shape[0] for t in k]
-    Tq, Tk, H = sum(q_sizes), sum(k_sizes), k[0].shape[1]
+    Tq, Tk = sum(q_sizes), sum(k_sizes)
     dev, dtype = k[0].device, k[0].dtype
     lse_dtype = torch.promote_types(dtype, torch.float32)
     vis = torch.ones(E, E, dtype=torch.bool) if visible is None else torch.tensor(visible, dtype=torch.bool)
     vis = vis.to(dev)
+    static = None
+    if Tq and Tk and all(n == B * bound for n, bound in zip(k_sizes, max_seqlens)):
+        uniform = [torch.arange(B + 1, device=dev) * bound for bound in max_seqlens]
+        static = flex_block_mask(uniform, q_experts, q_sizes, k_sizes, vis)
     last: dict = {}          # CPU boundary values -> block mask, one entry
 
     def block_mask(cu):
+        if static is not None:
+            return static
         key = None
         if not torch.compiler.is_compiling() and all(c.device.type == "cpu" for c in cu):
             key = tuple(tuple(c.tolist()) for c in cu)

@@ -103,6 +103,50 @@ def test_block_mask_matches_create_block_mask(case, visible):
                        dense(theirs.full_kv_num_blocks, theirs.full_kv_indices))
 
 
+def count_mask_builds(monkeypatch):
+    builds, real = [], AD.flex_block_mask
+    monkeypatch.setattr(AD, "flex_block_mask", lambda *a: builds.append(1) or real(*a))
+    return builds
+
+
+def assert_reference(got, q, k, v, cu, visible):
+    want, _ = joint_attention_reference([None if t is None else t.double() for t in q], [t.double() for t in k],
+                                        [t.double() for t in v], cu, visible)
+    for e in range(len(k)):
+        torch.testing.assert_close(got[e].double(), want[e], atol=2e-5, rtol=2e-5)
+
+
+def test_block_mask_is_built_once_when_the_shapes_fix_the_boundaries(monkeypatch):
+    """Every buffer holding B x its bound means every sample has the bound: one mask per plan, none per call."""
+    builds = count_mask_builds(monkeypatch)
+    lens = [[20, 20], [3, 3], [8, 8]]
+    q, k, v, _, cu = inputs(lens, torch.float32)
+    run = AD.flex_joint(q, k, cu, MASK, D ** -0.5, [20, 3, 8])
+    assert len(builds) == 1                                   # at plan time
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            out, _ = run(q, k, v, [c.clone() for c in cu], False)
+    assert len(builds) == 1
+    assert_reference(out, q, k, v, cu, MASK)
+
+
+def test_cpu_boundaries_reuse_the_last_mask_and_rebuild_on_new_values(monkeypatch):
+    """Same signature, other boundary values (same totals and bounds): the mask follows the values."""
+    builds = count_mask_builds(monkeypatch)
+    first, second = [[150, 0, 261], [3, 7, 0], [40, 1, 130]], [[261, 150, 0], [0, 7, 3], [130, 40, 1]]
+    q, k, v, _, cu_a = inputs(first, torch.float32)
+    cu_b = inputs(second, torch.float32)[4]
+    run = AD.flex_joint(q, k, cu_a, MASK, D ** -0.5, [261, 7, 130])
+    assert builds == []                                       # the shapes do not fix the boundaries
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for cu, n in ((cu_a, 1), (cu_a, 1), (cu_b, 2), (cu_a, 3)):
+            out, _ = run(q, k, v, cu, False)
+            assert len(builds) == n
+            assert_reference(out, q, k, v, cu, MASK)
+
+
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", list(CASES))
