@@ -18,7 +18,7 @@ over the packed tokens: joint_attention_reference, its packing cost included in 
 ``flash_attn`` (flash_attn_varlen_func over the packed tokens, all-visible only, when the package is installed)
 and ``flex`` (torch's flex_attention over the experts' buffers concatenated, every sample and visibility at once
 through a mask_mod on per-token segment ids; compiled on CUDA, its eager reference math on CPU; the concatenation
-and the per-call block-mask build are part of its measured cost: flex_joint).
+and the block-mask build are part of its measured cost: flex_joint).
 
 Rule for a key the table lacks (or no table): ours, the one candidate that serves every visibility and layout
 without repacking; entries at other lengths are not extrapolated. A table choice that cannot run here (package
@@ -204,7 +204,7 @@ def _compiled_flex():
     return torch.compile(flex_attention)
 
 
-def flex_joint(q, k, cu_seqlens, visible, scale, max_seqlens):
+def flex_joint(q, k, v, cu_seqlens, visible, scale, max_seqlens):
     """-> run(q, k, v, cu_seqlens, return_lse) -> (out, lse) per expert: joint attention with flex_attention, for
     inputs of this signature (q/k/v/cu_seqlens per expert as joint_attention takes them; visible: python rows or
     None; max_seqlens: the per-expert bounds of the sample lengths).
@@ -233,10 +233,11 @@ def flex_joint(q, k, cu_seqlens, visible, scale, max_seqlens):
     lse_dtype = torch.promote_types(dtype, torch.float32)
     vis = torch.ones(E, E, dtype=torch.bool) if visible is None else torch.tensor(visible, dtype=torch.bool)
     vis = vis.to(dev)
+    backward = needs_grad(*q, *k, *v)     # (part of the plan's key) the backward's q-block lists, else skipped
     static = None
     if Tq and Tk and all(n == B * bound for n, bound in zip(k_sizes, max_seqlens)):
         uniform = [torch.arange(B + 1, device=dev) * bound for bound in max_seqlens]
-        static = flex_block_mask(uniform, q_experts, q_sizes, k_sizes, vis)
+        static = flex_block_mask(uniform, q_experts, q_sizes, k_sizes, vis, backward)
     last: dict = {}          # CPU boundary values -> block mask, one entry
 
     def block_mask(cu):
@@ -247,7 +248,7 @@ def flex_joint(q, k, cu_seqlens, visible, scale, max_seqlens):
             key = tuple(tuple(c.tolist()) for c in cu)
             if key in last:
                 return last[key]
-        mask = flex_block_mask(cu, q_experts, q_sizes, k_sizes, vis)
+        mask = flex_block_mask(cu, q_experts, q_sizes, k_sizes, vis, backward)
         if key is not None:
             last.clear()
             last[key] = mask
@@ -278,10 +279,11 @@ def flex_joint(q, k, cu_seqlens, visible, scale, max_seqlens):
     return run
 
 
-def flex_block_mask(cu_seqlens, q_experts, q_sizes, k_sizes, vis):
+def flex_block_mask(cu_seqlens, q_experts, q_sizes, k_sizes, vis, backward: bool = True):
     """The flex BlockMask of joint attention over expert-concatenated buffers (see flex_joint): exact mask_mod on
     per-token segment ids, and block lists built at block granularity (a block pair is visited iff some segment
-    pair in it is visible, and skips the mask_mod iff every one is and both blocks are whole)."""
+    pair in it is visible, and skips the mask_mod iff every one is and both blocks are whole). Without `backward`
+    the transposed (q-block) lists only the backward reads are not built."""
     from torch.nn.attention.flex_attention import BlockMask
 
     dev = vis.device
@@ -317,4 +319,5 @@ def flex_block_mask(cu_seqlens, q_experts, q_sizes, k_sizes, vis):
         return m.sum(-1).to(torch.int32)[None, None], idx.to(torch.int32)[None, None]
 
     return BlockMask.from_kv_blocks(*ordered(some & ~full), *ordered(full), BLOCK_SIZE=FLEX_BLOCK,
-                                    mask_mod=visible_pair, seq_lengths=(seg_q.numel(), seg_k.numel()))
+                                    mask_mod=visible_pair, seq_lengths=(seg_q.numel(), seg_k.numel()),
+                                    compute_q_blocks=backward)

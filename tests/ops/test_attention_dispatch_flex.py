@@ -121,7 +121,7 @@ def test_block_mask_is_built_once_when_the_shapes_fix_the_boundaries(monkeypatch
     builds = count_mask_builds(monkeypatch)
     lens = [[20, 20], [3, 3], [8, 8]]
     q, k, v, _, cu = inputs(lens, torch.float32)
-    run = AD.flex_joint(q, k, cu, MASK, D ** -0.5, [20, 3, 8])
+    run = AD.flex_joint(q, k, v, cu, MASK, D ** -0.5, [20, 3, 8])
     assert len(builds) == 1                                   # at plan time
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -137,7 +137,7 @@ def test_cpu_boundaries_reuse_the_last_mask_and_rebuild_on_new_values(monkeypatc
     first, second = [[150, 0, 261], [3, 7, 0], [40, 1, 130]], [[261, 150, 0], [0, 7, 3], [130, 40, 1]]
     q, k, v, _, cu_a = inputs(first, torch.float32)
     cu_b = inputs(second, torch.float32)[4]
-    run = AD.flex_joint(q, k, cu_a, MASK, D ** -0.5, [261, 7, 130])
+    run = AD.flex_joint(q, k, v, cu_a, MASK, D ** -0.5, [261, 7, 130])
     assert builds == []                                       # the shapes do not fix the boundaries
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
