@@ -72,8 +72,13 @@ def test_why_flex_cannot_run(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "torch.nn.attention.flex_attention" else real(name, *a))
     assert "flex_attention" in AD.runnable("flex", CPU, "all/s")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    cuda = torch.device("cuda")
+    assert "triton" in AD.runnable("flex", cuda, "masked/s") and AD.runnable("flex", CPU, "masked/s") is None
     monkeypatch.setattr(importlib.util, "find_spec", real)
     assert "not mps" in AD.runnable("flex", torch.device("mps"), "all/s")
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    assert "TorchDynamo" in AD.runnable("flex", CPU, "all/s")
 
 
 @pytest.mark.parametrize("case", list(CASES))
