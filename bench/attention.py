@@ -193,6 +193,9 @@ def flash_attn(p: Problem):
 
 
 def flex(p: Problem):
+    """The flex_attention kernel alone, on the pre-packed tokens with its block mask built once outside the timing
+    (like the other baselines). The auto candidate ``flex`` (attention_dispatch.flex_joint: expert buffers
+    concatenated, block mask per call) is timed with its overheads by ``--tune``; the two rows differ by them."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     sample_of, expert_of, vis = p.sample_of, p.expert_of, p.vis_table
@@ -467,7 +470,7 @@ def _candidate_call(candidate: str, p: Problem, visible, bounds) -> Callable[[],
     """Inference forward (no grad) of one auto candidate, or of auto itself, through the public op."""
     from motus_fast.ops import attention_dispatch as AD
 
-    if candidate == "triton_hopper":     # no MOTUS_BACKEND names it: auto with a table that picks it for this key
+    if candidate in ("triton_hopper", "flex"):   # no MOTUS_BACKEND names them: auto with a table that picks one
         return _auto_with_choice(candidate, p, visible, bounds)
 
     def fwd():

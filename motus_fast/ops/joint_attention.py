@@ -127,6 +127,8 @@ def _joint_plan(q, k, v, cu_seqlens, visible, softmax_scale, max_seqlens):
                                               inputs=(q, k, v))
     if backend == "reference" or candidate == "sdpa":
         return lambda q, k, v, cu, return_lse: joint_attention_reference(q, k, v, cu, visible, scale, return_lse)
+    if candidate == "flex":
+        return attention_dispatch.flex_joint(q, k, v, cu_seqlens, visible, scale, max_seqlens)
     ours = _triton_plan(q, k, v, cu_seqlens, visible, scale, max_seqlens, hopper=candidate == "triton_hopper")
     if candidate == "flash_attn" and all(t is not None for t in q):
         bounds = list(max_seqlens)
