@@ -1,8 +1,9 @@
 """The action expert: one transformer layer per video layer, projecting into the video expert's head space.
 
-Tokens (DESIGN.md section 3): finetune layout ``[state, K noisy actions, R registers]``, pretrain layout
-``[K latent actions]``, plus a fixed [sin | cos] position table. Each layer: AdaLN -> q,k,v = x @ W (no bias) ->
-RMSNorm over H*D on q,k (no RoPE) -> [joint attention] -> o (no bias) -> gated residual -> AdaLN FFN, gated.
+Tokens (DESIGN.md section 3): finetune layout ``[state, K noisy actions, R registers]``, pretrain layout ``[K latent
+actions]``, plus a fixed [sin | cos] position table. Each layer: AdaLN -> q,k,v = x @ W (no bias) -> RMSNorm over
+H*D on q,k (no RoPE) -> [joint attention] -> o (no bias) -> gated residual -> AdaLN FFN, gated (its residual added
+by the next layer's AdaLN, in one fused pass: ``Stream``).
 Decoder: 2-way modulated LayerNorm from the time embedding -> Linear -> velocity of the K action tokens.
 """
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from motus_fast.config import ActionExpertConfig
 from motus_fast.model.embed import TimeEmbedding, modulation_chunks, position_table
-from motus_fast.model.layers import RMSNorm, feed_forward, mlp3x_silu, split_heads
+from motus_fast.model.layers import RMSNorm, Stream, feed_forward, mlp3x_silu, split_heads
 from motus_fast.ops import ExpertQK, adaln_modulate, gated_residual_adaln
 from motus_fast.ops.profiling import annotate
 
@@ -38,20 +39,21 @@ class ActionLayer(nn.Module):
         return adaln_modulate(x, mod[0], mod[1], self.cfg.eps)
 
     @annotate("action.pre_attention")   # NVTX range with MOTUS_NVTX=1 (motus_fast/ops/profiling.py)
-    def attention_inputs(self, a, e6):
-        """a: [B, L_a, dim]; e6: [B, 6, dim] -> q, k [B, L_a, H*D] as an ExpertQK (normalised by MotusBlock, no
-        RoPE), v: [B, L_a, H, D], and the 6 modulation chunks."""
+    def attention_inputs(self, a: Stream, e6):
+        """a: the stream [B, L_a, dim] (its pending FFN branch added here, fused with this layer's AdaLN); e6:
+        [B, 6, dim] -> the stream, q, k [B, L_a, H*D] as an ExpertQK (normalised by MotusBlock, no RoPE), v:
+        [B, L_a, H, D], and the 6 modulation chunks."""
         mod = modulation_chunks(self.modulation, e6)
-        h = adaln_modulate(a, mod[0], mod[1], self.cfg.eps)
+        a, h = a.modulate(mod[0], mod[1], self.cfg.eps)
         q, k, v = self.qkv(h).chunk(3, dim=-1)
         qk = ExpertQK(q, k, self.norm_q.weight, self.norm_k.weight, self.cfg.eps)
-        return qk, split_heads(v, self.num_heads), mod
+        return a, qk, split_heads(v, self.num_heads), mod
 
     @annotate("action.post_attention")
-    def finish(self, a, attn, mod):
-        """a: [B, L_a, dim]; attn: [B, L_a, H*D] -> [B, L_a, dim]"""
+    def finish(self, a, attn, mod) -> Stream:
+        """a: [B, L_a, dim]; attn: [B, L_a, H*D] -> the layer's output stream (gated FFN branch pending)"""
         a, h = gated_residual_adaln(a, self.o(attn), mod[2], mod[3], mod[4], self.cfg.eps)
-        return a + self.ffn(h) * mod[5]
+        return Stream(a, self.ffn(h), mod[5])
 
 
 class ActionExpert(nn.Module):
@@ -90,9 +92,10 @@ class ActionExpert(nn.Module):
             raise ValueError("the pretrain layout has no state token; pass state=None")
         return tokens + self.pos_table[:, : tokens.shape[1]].to(dtype)
 
-    def unembed(self, a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """a: [B, L_a, dim]; e: time embedding [B, dim] -> velocity of the action tokens [B, K, action_dim]"""
+    def unembed(self, a: Stream, e: torch.Tensor) -> torch.Tensor:
+        """a: the last layer's stream [B, L_a, dim]; e: time embedding [B, dim] -> velocity of the action tokens
+        [B, K, action_dim]"""
         shift, scale = (self.decoder_modulation + e[:, None]).unsqueeze(1).unbind(2)
         start = 1 if self.cfg.layout == "finetune" else 0     # drop the state row (and the registers after K)
-        a = a[:, start: start + self.cfg.chunk_size]
-        return self.head(adaln_modulate(a, shift, scale, self.cfg.eps))
+        h = a.modulate(shift, scale, self.cfg.eps)[1]         # (a row-wise op: the dropped rows cost a few rows)
+        return self.head(h[:, start: start + self.cfg.chunk_size])

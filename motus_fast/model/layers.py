@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from motus_fast.ops import rms_norm
+from motus_fast.ops import adaln_modulate, gated_residual_adaln, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -19,6 +21,29 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+
+class Stream(NamedTuple):
+    """An expert's residual stream between layers: ``x + branch * gate``, the last residual branch (a layer's FFN)
+    not yet added. The next AdaLN adds it in the same pass (``gated_residual_adaln``), so a layer boundary is one
+    launch instead of three (multiply, add, normalise) and one read of the stream instead of three. branch None:
+    x is the stream (fresh embeddings); gate None: an ungated branch (the und stream)."""
+
+    x: torch.Tensor
+    branch: Optional[torch.Tensor] = None
+    gate: Optional[torch.Tensor] = None
+
+    def modulate(self, shift: Optional[torch.Tensor], scale: Optional[torch.Tensor], eps: float):
+        """-> (the stream, its AdaLN ``N(stream) * (1 + scale) + shift``; shift/scale None: plain LayerNorm)."""
+        if self.branch is None:
+            return self.x, adaln_modulate(self.x, shift, scale, eps)
+        return gated_residual_adaln(self.x, self.branch, self.gate, shift, scale, eps)
+
+    def value(self) -> torch.Tensor:
+        """The stream itself, for a caller that needs it without a following AdaLN (in x's dtype, as upstream)."""
+        if self.branch is None:
+            return self.x
+        return self.x + (self.branch if self.gate is None else self.branch * self.gate.to(self.x.dtype))
 
 
 def feed_forward(dim: int, ffn_dim: int) -> nn.Sequential:

@@ -2,9 +2,10 @@
 self-attention per layer.
 
 ``MotusBlock`` is layer l of all three experts: each expert makes its q/k/v, ``joint_attention`` mixes them per
-sample over [video | action | und], and each expert finishes its layer. ``Motus.forward`` predicts the video and
-action velocities for given noisy latents and per-modality timesteps; ``motus_fast.flow`` turns that into the
-training loss and the five sampling modes.
+sample over [video | action | und], and each expert finishes its layer. Between layers each stream travels as a
+``Stream`` whose FFN branch the next layer's AdaLN (or the output head's) adds in the same fused pass.
+``Motus.forward`` predicts the video and action velocities for given noisy latents and per-modality timesteps;
+``motus_fast.flow`` turns that into the training loss and the five sampling modes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 
 from motus_fast.config import MotusConfig
 from motus_fast.model.action import ActionExpert, ActionLayer
+from motus_fast.model.layers import Stream
 from motus_fast.model.rope import rope_tables
 from motus_fast.model.und import UndExpert, UndLayer
 from motus_fast.model.wan import VideoExpert, VideoLayer
@@ -86,22 +88,23 @@ class MotusBlock(nn.Module):
         self.und = UndLayer(cfg.und, cfg.num_heads, cfg.head_dim)
 
     @annotate("MotusBlock")   # an NVTX range per layer when MOTUS_NVTX=1 (motus_fast/ops/profiling.py)
-    def forward(self, x, a, u, *, e6_video, e6_action, rope, text, text_lens, cu_und, last: bool,
-                video_und_see_actions: bool = True, kv_out: Optional[list] = None):
-        # x: [B, L_v, Dv]  a: [B, L_a, Da] or None  u: [T_u, Du] (packed) or None  e6_*: [B, 6, D] or [B, L_v, 6, Dv]
+    def forward(self, x: Stream, a: Optional[Stream], u: Optional[Stream], *, e6_video, e6_action, rope, text,
+                text_lens, cu_und, last: bool, video_und_see_actions: bool = True, kv_out: Optional[list] = None):
+        # x: [B, L_v, Dv]  a: [B, L_a, Da] or None  u: [T_u, Du] (packed) or None, each a Stream (the previous
+        # layer's FFN branch still to add)  e6_*: [B, 6, D] or [B, L_v, 6, Dv]
         # text: embedded context [B, L_t, Dv] or this layer's cached (k, v). A stream given as None is absent
-        # (stage 1 trains the video expert alone).
-        B, L_v = x.shape[:2]
+        # (stage 1 trains the video expert alone). Returns the three output Streams (und: None in the last layer).
+        B, L_v = x.x.shape[:2]
         rows = lambda t: None if t is None else t.reshape(-1, *t.shape[-2:])  # noqa: E731  [.., H, D] -> [T, H, D]
-        qk_v, vv, mod_v = self.video.attention_inputs(x, e6_video, rope)
+        x, qk_v, vv, mod_v = self.video.attention_inputs(x, e6_video, rope)
         qk, v = [qk_v], [rows(vv)]
         cu = [uniform_cu_seqlens(B, L_v, x.device)]
         if a is not None:
-            qk_a, va, mod_a = self.action.attention_inputs(a, e6_action)
+            a, qk_a, va, mod_a = self.action.attention_inputs(a, e6_action)
             qk, v = qk + [qk_a], v + [rows(va)]
             cu.append(uniform_cu_seqlens(B, a.shape[1], x.device))
         if u is not None:
-            qk_u, vu = self.und.attention_inputs(u, need_queries=not last)
+            u, qk_u, vu = self.und.attention_inputs(u, need_queries=not last)
             qk, v = qk + [qk_u], v + [vu]
             cu.append(cu_und)
         normed = qk_norm_rope(qk, self.video.cfg.num_heads)                 # RMSNorm (+ RoPE), all experts at once
@@ -120,22 +123,22 @@ class MotusBlock(nn.Module):
             u = None if last else self.und.finish(u, out[-1].flatten(1))
         return x, a, u
 
-    def context_kv(self, x, u, *, e6_video, rope) -> LayerKV:
+    def context_kv(self, x: Stream, u: Optional[Stream], *, e6_video, rope) -> LayerKV:
         """The video and und keys and values alone (what a last layer contributes when only they are needed)."""
         rows = lambda t: None if t is None else t.reshape(-1, *t.shape[-2:])  # noqa: E731
-        qk_v, vv, _ = self.video.attention_inputs(x, e6_video, rope)
+        _, qk_v, vv, _ = self.video.attention_inputs(x, e6_video, rope)
         qk, v = [qk_v], [rows(vv)]
         if u is not None:
-            qk_u, vu = self.und.attention_inputs(u, need_queries=False)
+            _, qk_u, vu = self.und.attention_inputs(u, need_queries=False)
             qk, v = qk + [qk_u], v + [vu]
         normed = qk_norm_rope(qk, self.video.cfg.num_heads)
         return LayerKV(video=(rows(normed[0][1]), v[0]), und=None if u is None else (rows(normed[-1][1]), v[-1]))
 
-    def action_only(self, a, kv: LayerKV, *, e6_action, cu_video, cu_und):
+    def action_only(self, a: Stream, kv: LayerKV, *, e6_action, cu_video, cu_und) -> Stream:
         """This layer of the action expert alone, its queries attending to the given video/und keys and values and
-        to its own. a: [B, L_a, Da] -> [B, L_a, Da]"""
-        B, L_a = a.shape[:2]
-        qk_a, va, mod_a = self.action.attention_inputs(a, e6_action)
+        to its own. a: [B, L_a, Da] -> [B, L_a, Da], as Streams"""
+        B, L_a = a.x.shape[:2]
+        a, qk_a, va, mod_a = self.action.attention_inputs(a, e6_action)
         (q, k), = qk_norm_rope([qk_a], self.video.cfg.num_heads)
         rows = lambda t: t.reshape(B * L_a, *t.shape[-2:])  # noqa: E731
         queries, keys, values = [None, rows(q)], [kv.video[0], rows(k)], [kv.video[1], rows(va)]
@@ -219,16 +222,17 @@ class Motus(nn.Module):
         B = video.shape[0]
         grid = self.video.token_grid(video.shape)
         t_video = _per_sample(t_video, B, "t_video", allow_tokens=True)
-        x = self.video.embed(video)                                            # B, L_v, Dv
+        x = Stream(self.video.embed(video))                                    # B, L_v, Dv
         e_video, e6_video = self.video.time(t_video) if time_emb is None else time_emb[0]
         a = e_action = e6_action = None
         if actions is not None:
-            a = self.action.embed(actions, cond.state)                         # B, L_a, Da
+            a = Stream(self.action.embed(actions, cond.state))                 # B, L_a, Da
             e_action, e6_action = (self.action.time(_per_sample(t_action, B, "t_action")) if time_emb is None
                                    else time_emb[1])
         cache = cache or self.cache_conditioning(cond, per_layer_text_kv=False)
         u, cu_und = cache.und or (None, None)                                  # T_u, Du (packed)
-        cos, sin = rope_tables(grid, self.cfg.head_dim, device=x.device)
+        u = None if u is None else Stream(u)
+        cos, sin = rope_tables(grid, self.cfg.head_dim, device=video.device)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, blk in enumerate(self.blocks):
             text = cache.text_kv[i] if cache.text_kv is not None else cache.text_ctx
@@ -249,12 +253,13 @@ class Motus(nn.Module):
         stream's ``self.video.time(t_video)``."""
         B = video.shape[0]
         grid = self.video.token_grid(video.shape)
-        x = self.video.embed(video)
+        x = Stream(self.video.embed(video))
         _, e6_video = self.video.time(_per_sample(t_video, B, "t_video", allow_tokens=True)) if time_emb is None \
             else time_emb
         cache = cache or self.cache_conditioning(cond, per_layer_text_kv=False)
         u, cu_und = cache.und or (None, None)
-        rope = rope_tables(grid, self.cfg.head_dim, device=x.device)
+        u = None if u is None else Stream(u)
+        rope = rope_tables(grid, self.cfg.head_dim, device=video.device)
         kv: list[LayerKV] = []
         for i, blk in enumerate(self.blocks[:-1]):
             text = cache.text_kv[i] if cache.text_kv is not None else cache.text_ctx
@@ -276,10 +281,10 @@ class Motus(nn.Module):
         """The action expert alone, attending to the given per-layer video/und keys and values (``context_kv``, or
         ``forward``'s kv_out). time_emb: ``self.action.time(t_action)``. -> action velocity [B, K, action_dim]"""
         B = actions.shape[0]
-        a = self.action.embed(actions, cond.state)
+        a = Stream(self.action.embed(actions, cond.state))
         e_action, e6_action = self.action.time(_per_sample(t_action, B, "t_action")) if time_emb is None \
             else time_emb
-        cu_video = uniform_cu_seqlens(B, context[0].video[0].shape[0] // B, a.device)
+        cu_video = uniform_cu_seqlens(B, context[0].video[0].shape[0] // B, a.x.device)
         cu_und = None if cache.und is None else cache.und[1]
         for blk, kv in zip(self.blocks, context):
             a = blk.action_only(a, kv, e6_action=e6_action, cu_video=cu_video, cu_und=cu_und)

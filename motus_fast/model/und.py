@@ -1,8 +1,9 @@
 """The understanding expert: frozen VLM hidden states -> adapter -> layers that give the joint attention keys/values.
 
 Per layer: LayerNorm (no affine, no modulation) -> q,k,v into the video head space (no bias) -> RMSNorm(H*D) on q,k
--> [joint attention] -> o (no bias), ungated residual -> LayerNorm -> FFN, ungated residual. The und stream has no
-head: in the last layer only its keys and values matter, so that layer skips its queries, output and FFN.
+-> [joint attention] -> o (no bias), ungated residual -> LayerNorm -> FFN, ungated residual (added by the next
+layer's LayerNorm, in one fused pass: ``Stream``). The und stream has no head: in the last layer only its keys and
+values matter, so that layer skips its queries, output and FFN.
 
 Und tokens are packed ([T_u, dim], samples concatenated, ``cu_seqlens``): variable VLM lengths cost no padding.
 """
@@ -14,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from motus_fast.config import UndExpertConfig
-from motus_fast.model.layers import RMSNorm, feed_forward, mlp3x_silu, split_heads
-from motus_fast.ops import ExpertQK, gated_residual_adaln, layer_norm
+from motus_fast.model.layers import RMSNorm, Stream, feed_forward, mlp3x_silu, split_heads
+from motus_fast.ops import ExpertQK, gated_residual_adaln
 from motus_fast.ops.profiling import annotate
 
 
@@ -31,22 +32,23 @@ class UndLayer(nn.Module):
         self.ffn = feed_forward(d, cfg.ffn_dim)
 
     @annotate("und.pre_attention")   # NVTX range with MOTUS_NVTX=1 (motus_fast/ops/profiling.py)
-    def attention_inputs(self, u, need_queries: bool = True):
-        """u: [T_u, dim] -> q (None unless need_queries), k [T_u, H*D] as an ExpertQK (normalised by MotusBlock,
-        no RoPE), v: [T_u, H, D]"""
-        h = layer_norm(u, self.cfg.eps)
+    def attention_inputs(self, u: Stream, need_queries: bool = True):
+        """u: the stream [T_u, dim] (its pending FFN branch added here, fused with the LayerNorm) -> the stream,
+        q (None unless need_queries), k [T_u, H*D] as an ExpertQK (normalised by MotusBlock, no RoPE), v:
+        [T_u, H, D]"""
+        u, h = u.modulate(None, None, self.cfg.eps)
         if not need_queries:
             k, v = F.linear(h, self.qkv.weight[self.width:]).chunk(2, dim=-1)
-            return ExpertQK(None, k, None, self.norm_k.weight, self.cfg.eps), split_heads(v, self.num_heads)
+            return u, ExpertQK(None, k, None, self.norm_k.weight, self.cfg.eps), split_heads(v, self.num_heads)
         q, k, v = self.qkv(h).chunk(3, dim=-1)
         qk = ExpertQK(q, k, self.norm_q.weight, self.norm_k.weight, self.cfg.eps)
-        return qk, split_heads(v, self.num_heads)
+        return u, qk, split_heads(v, self.num_heads)
 
     @annotate("und.post_attention")
-    def finish(self, u, attn):
-        """u: [T_u, dim]; attn: [T_u, H*D] -> [T_u, dim]"""
+    def finish(self, u, attn) -> Stream:
+        """u: [T_u, dim]; attn: [T_u, H*D] -> the layer's output stream (ungated FFN branch pending)"""
         u, h = gated_residual_adaln(u, self.o(attn), None, None, None, self.cfg.eps)   # ungated residual + LN
-        return u + self.ffn(h)
+        return Stream(u, self.ffn(h))
 
 
 class UndExpert(nn.Module):

@@ -1,9 +1,10 @@
 """The video expert: a Wan2.2-TI2V transformer whose self-attention is the shared joint attention.
 
-Per layer (DESIGN.md section 3): AdaLN -> q,k,v (bias) -> RMSNorm over the full width on q,k -> 3-D RoPE ->
-[joint attention] -> o -> gated residual; cross-attention to the umT5 context (affine LayerNorm pre-norm, ungated);
-AdaLN FFN with a gated residual. ``VideoExpert`` holds the embeddings and the output head, ``VideoLayer`` one layer;
-``motus_fast.model.mot.MotusBlock`` runs the layers of the three experts around their joint attention.
+Per layer (DESIGN.md section 3): AdaLN -> q,k,v (bias) -> RMSNorm over the full width on q,k -> 3-D RoPE -> [joint
+attention] -> o -> gated residual; cross-attention to the umT5 context (affine LayerNorm pre-norm, ungated); AdaLN
+FFN with a gated residual (added by the next layer's AdaLN, in one fused pass: ``Stream``). ``VideoExpert`` holds
+the embeddings and the output head, ``VideoLayer`` one layer; ``motus_fast.model.mot.MotusBlock`` runs the layers of
+the three experts around their joint attention.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import nn
 
 from motus_fast.config import VideoExpertConfig
 from motus_fast.model.embed import TimeEmbedding, modulation_chunks, patchify, unpatchify
-from motus_fast.model.layers import RMSNorm, feed_forward, masked_cross_attention, split_heads
+from motus_fast.model.layers import RMSNorm, Stream, feed_forward, masked_cross_attention, split_heads
 from motus_fast.ops import ExpertQK, adaln_modulate, gated_residual_adaln
 from motus_fast.ops.profiling import annotate
 
@@ -63,26 +64,27 @@ class VideoLayer(nn.Module):
         return adaln_modulate(x, mod[0], mod[1], self.cfg.eps)
 
     @annotate("video.pre_attention")   # NVTX range with MOTUS_NVTX=1 (motus_fast/ops/profiling.py)
-    def attention_inputs(self, x, e6, rope):
-        """x: [B, L, dim]; e6: [B, 6, dim] or [B, L, 6, dim]; rope: (cos, sin) [L, D/2]
-        -> q, k [B, L, H*D] as an ExpertQK (MotusBlock normalises and rotates the q/k of all experts in one
-        qk_norm_rope call), v: [B, L, H, D], and the 6 modulation chunks."""
+    def attention_inputs(self, x: Stream, e6, rope):
+        """x: the stream [B, L, dim] (the previous layer's FFN branch still to add: added here, fused with this
+        layer's AdaLN); e6: [B, 6, dim] or [B, L, 6, dim]; rope: (cos, sin) [L, D/2]
+        -> the stream [B, L, dim], q, k [B, L, H*D] as an ExpertQK (MotusBlock normalises and rotates the q/k of
+        all experts in one qk_norm_rope call), v: [B, L, H, D], and the 6 modulation chunks."""
         mod = modulation_chunks(self.modulation, e6)
-        h = adaln_modulate(x, mod[0], mod[1], self.cfg.eps)
+        x, h = x.modulate(mod[0], mod[1], self.cfg.eps)
         q, k, v = self.qkv(h).chunk(3, dim=-1)
         qk = ExpertQK(q, k, self.norm_q.weight, self.norm_k.weight, self.cfg.eps, rope)
-        return qk, split_heads(v, self.cfg.num_heads), mod
+        return x, qk, split_heads(v, self.cfg.num_heads), mod
 
     @annotate("video.post_attention")
-    def finish(self, x, attn, mod, text, text_lens=None):
+    def finish(self, x, attn, mod, text, text_lens=None) -> Stream:
         """x: [B, L, dim]; attn: joint attention output [B, L, H*D]; text: embedded context [B, L_t, dim] or its
-        cached (k, v) -> layer output [B, L, dim]."""
+        cached (k, v) -> the layer's output stream (its gated FFN branch left for the next AdaLN)."""
         x = x + self.o(attn) * mod[2]
         kv = text if isinstance(text, tuple) else self.cross_attn.context_kv(text)
         # ungated cross-attention residual fused with the FFN's AdaLN
         x, h = gated_residual_adaln(x, self.cross_attn(self.cross_norm(x), kv, text_lens), None, mod[3], mod[4],
                                     self.cfg.eps)
-        return x + self.ffn(h) * mod[5]
+        return Stream(x, self.ffn(h), mod[5])
 
 
 class VideoExpert(nn.Module):
@@ -110,10 +112,11 @@ class VideoExpert(nn.Module):
                              f"{self.cfg.in_channels}")
         return self.patch_embed(patchify(latents, self.cfg.patch_size).to(self.patch_embed.weight.dtype))
 
-    def unembed(self, x: torch.Tensor, e: torch.Tensor, grid) -> torch.Tensor:
-        """x: [B, L, dim]; e: time embedding [B, dim] or [B, L, dim] -> velocity [B, C_out, T, H, W]."""
+    def unembed(self, x: Stream, e: torch.Tensor, grid) -> torch.Tensor:
+        """x: the last layer's stream [B, L, dim]; e: time embedding [B, dim] or [B, L, dim] -> velocity
+        [B, C_out, T, H, W]."""
         e = e[:, None] if e.dim() == 2 else e
         shift, scale = (self.head_modulation[:, None] + e[:, :, None]).unbind(2)
-        y = self.head(adaln_modulate(x, shift, scale, self.cfg.eps))
+        y = self.head(x.modulate(shift, scale, self.cfg.eps)[1])
         return unpatchify(y, grid, self.cfg.patch_size, self.cfg.out_channels)
 

@@ -166,6 +166,10 @@ class PlanCache:
     def __len__(self) -> int:
         return len(self._plans)
 
+    def values(self):
+        """The cached plans."""
+        return self._plans.values()
+
     def clear(self) -> None:
         self._plans.clear()
         self._guarded.clear()

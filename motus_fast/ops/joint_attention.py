@@ -91,7 +91,8 @@ def _boundary_check(cu_seqlens, k, max_seqlens):
     """-> check(cu_seqlens) of the CPU boundaries' values for later calls of this signature (None: none on CPU).
     The common case is one comparison per boundary; a failure goes to _check_boundaries for its message. A tensor
     found valid is not read again while it is the one passed and its version counter (bumped by every in-place
-    torch op) is unchanged: the model passes the same boundaries to every layer."""
+    torch op) is unchanged: the model passes the same boundaries to every layer. (Tensors made under
+    torch.inference_mode have no counter: they are read every call.)"""
     cpu = [(e, k[e].shape[0], max_seqlens[e]) for e, c in enumerate(cu_seqlens) if c.device.type == "cpu"]
     if not cpu:
         return None
@@ -100,7 +101,8 @@ def _boundary_check(cu_seqlens, k, max_seqlens):
     def check(cu_seqlens):
         for e, total, bound in cpu:
             c = cu_seqlens[e]
-            if valid[e][0] is c and valid[e][1] == c._version:
+            seen, version = valid[e]
+            if seen is c and version is not None and version == c._version:
                 continue
             b = c.tolist()
             prev = b[0]
@@ -110,7 +112,7 @@ def _boundary_check(cu_seqlens, k, max_seqlens):
                 prev = x
             if not ok:
                 _check_boundaries(f"cu_seqlens[{e}]", c, total, bound, f"max_seqlens[{e}]")
-            valid[e] = (c, c._version)
+            valid[e] = (c, None if c.is_inference() else c._version)   # (inference tensors have no counter)
     return check
 
 

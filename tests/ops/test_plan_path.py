@@ -173,6 +173,13 @@ def test_boundary_values_are_checked_on_every_call(triton_backend):
     good[1] = 9                                                               # ...until changed in place
     with pytest.raises(ValueError, match=r"must rise"):
         joint_attention([q], [q], [q], [good], max_seqlens=[5])
+    with torch.inference_mode():                                              # no version counter: read each call
+        frozen = torch.tensor([0, 3, 8], dtype=torch.int32)
+        joint_attention([q], [q], [q], [frozen], max_seqlens=[5])
+        joint_attention([q], [q], [q], [frozen], max_seqlens=[5])
+        frozen[1] = 9
+        with pytest.raises(ValueError, match=r"must rise"):
+            joint_attention([q], [q], [q], [frozen], max_seqlens=[5])
 
 
 def test_new_strides_get_their_own_launch(triton_backend):
