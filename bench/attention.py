@@ -344,8 +344,9 @@ def sweep(shape: Shape, warmup: int, iters: int, dtype, kernels=("fwd", "dkdv", 
 
 def tune(shapes, warmup: int, iters: int, dtype, table_path) -> list[dict]:
     """Forward time of every auto candidate (motus_fast/ops/attention_dispatch.py) at each shape, all-visible and
-    masked; the fastest that runs becomes the table entry of its key, written to `table_path`; then auto itself is
-    timed with that table (it should match the best candidate)."""
+    masked; the fastest that runs becomes the table entry of its key, written to `table_path` after every timed
+    candidate (a GPU session's time limit may cut this phase: flex compiles per shape, tens of seconds each; what
+    was measured stays); then auto itself is timed with that table (it should match the best candidate)."""
     import json
     import sys
     from pathlib import Path
@@ -356,6 +357,15 @@ def tune(shapes, warmup: int, iters: int, dtype, table_path) -> list[dict]:
 
     device = torch.device("cuda" if ON_GPU else "cpu")
     rows, entries = [], {}
+    table_path = Path(table_path)
+    old = json.loads(table_path.read_text()).get("entries", []) if table_path.exists() else []
+
+    def write_table():   # the old entries of other keys, and this run's
+        kept = [e for e in old if (e["op"], e["capability"], e["dtype"], e["shape_class"]) not in entries]
+        table_path.parent.mkdir(parents=True, exist_ok=True)
+        table_path.write_text(json.dumps({"device": device_info(), "entries": kept + list(entries.values())},
+                                         indent=2))
+
     for shape in shapes:
         for masked in (False, True):
             p = Problem(shape, masked, dtype, device)
@@ -370,20 +380,15 @@ def tune(shapes, warmup: int, iters: int, dtype, table_path) -> list[dict]:
                     why = "our kernel does not run on these tensors"
                 if why is not None:
                     rows.append(dict(shape=shape.name, shape_class=cls, method=cand, error=why))
+                    print(rows[-1], flush=True)
                     continue
                 fn = _candidate_call(cand, p, visible, bounds)
                 timed[cand] = time_fn(fn, warmup=warmup, iters=iters)["median_ms"]
                 rows.append(dict(shape=shape.name, shape_class=cls, method=cand, median_ms=timed[cand]))
-            if timed:
-                best = min(timed, key=timed.get)
-                entries[key] = dict(op=key[0], capability=key[1], dtype=key[2], shape_class=key[3], choice=best,
-                                    shape=shape.name, median_ms=timed)
-            print(rows[-len(AD.CANDIDATES):], flush=True)
-    table_path = Path(table_path)
-    old = json.loads(table_path.read_text()).get("entries", []) if table_path.exists() else []
-    kept = [e for e in old if (e["op"], e["capability"], e["dtype"], e["shape_class"]) not in entries]
-    table_path.parent.mkdir(parents=True, exist_ok=True)
-    table_path.write_text(json.dumps({"device": device_info(), "entries": kept + list(entries.values())}, indent=2))
+                entries[key] = dict(op=key[0], capability=key[1], dtype=key[2], shape_class=key[3],
+                                    choice=min(timed, key=timed.get), shape=shape.name, median_ms=dict(timed))
+                write_table()
+                print(rows[-1], flush=True)   # (the log keeps what a cut-off phase measured)
     print(f"wrote {table_path}")
     # auto with the new table, side by side with the candidates
     with attention_table(table_path):

@@ -63,3 +63,27 @@ def test_attention_profile_writes_a_trace_and_a_kernel_table(tmp_path):
     assert {"bench tiny triton", "bench tiny sdpa"} <= names          # one range per candidate
     rows = json.loads(next(tmp_path.glob("attention_profile_*.json")).read_text())["rows"]
     assert rows and all(r["total_ms"] > 0 and r["calls"] >= 1 for r in rows)
+
+
+@interpreted
+def test_tune_keeps_what_it_measured_when_cut_off(tmp_path, monkeypatch):
+    """bench.attention --tune writes the dispatch table after every timed candidate: a GPU session's time limit
+    that cuts the phase (flex compiling) loses only what was not yet measured."""
+    import bench.attention as BA
+
+    calls = []
+
+    def cut_off_at_the_third(fn, warmup, iters):
+        if len(calls) == 2:
+            raise KeyboardInterrupt("the phase's time limit")
+        calls.append(1)
+        fn()
+        return {"median_ms": float(len(calls))}
+
+    monkeypatch.setattr(BA, "time_fn", cut_off_at_the_third)
+    table = tmp_path / "table.json"
+    with pytest.raises(KeyboardInterrupt):
+        BA.tune(BA.CPU_SHAPES[:1], 0, 1, torch.float32, table)
+    entries = json.loads(table.read_text())["entries"]
+    assert len(entries) == 1 and len(entries[0]["median_ms"]) == 2      # the first key, both timed candidates
+    assert entries[0]["choice"] == min(entries[0]["median_ms"], key=entries[0]["median_ms"].get)
