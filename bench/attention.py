@@ -342,11 +342,15 @@ def sweep(shape: Shape, warmup: int, iters: int, dtype, kernels=("fwd", "dkdv", 
     return rows
 
 
+LATE_CANDIDATES = ("flex",)   # torch.compile per shape: timed last by --tune (see tune)
+
+
 def tune(shapes, warmup: int, iters: int, dtype, table_path) -> list[dict]:
     """Forward time of every auto candidate (motus_fast/ops/attention_dispatch.py) at each shape, all-visible and
     masked; the fastest that runs becomes the table entry of its key, written to `table_path` after every timed
-    candidate (a GPU session's time limit may cut this phase: flex compiles per shape, tens of seconds each; what
-    was measured stays); then auto itself is timed with that table (it should match the best candidate)."""
+    candidate, so a GPU session's time limit cutting this phase keeps what was measured. Candidates that compile
+    per shape (LATE_CANDIDATES: flex, tens of seconds each on a GPU) are timed after every other candidate of every
+    key. Then auto itself is timed with that table (it should match the best candidate)."""
     import json
     import sys
     from pathlib import Path
@@ -366,29 +370,33 @@ def tune(shapes, warmup: int, iters: int, dtype, table_path) -> list[dict]:
         table_path.write_text(json.dumps({"device": device_info(), "entries": kept + list(entries.values())},
                                          indent=2))
 
-    for shape in shapes:
-        for masked in (False, True):
-            p = Problem(shape, masked, dtype, device)
-            visible = None if p.visible is None else p.visible.tolist()
-            bounds = list(shape.lengths)
-            cls = AD.shape_class(visible, bounds)
-            key = AD.table_key("joint_attention", device, dtype, cls)
-            timed = {}
-            for cand in AD.CANDIDATES:
-                why = AD.runnable(cand, device, cls, inputs=(p.q, p.k, p.v))
-                if why is None and cand == "triton" and not JA._triton_can_run(p.k[0], 3):
-                    why = "our kernel does not run on these tensors"
-                if why is not None:
-                    rows.append(dict(shape=shape.name, shape_class=cls, method=cand, error=why))
-                    print(rows[-1], flush=True)
-                    continue
-                fn = _candidate_call(cand, p, visible, bounds)
-                timed[cand] = time_fn(fn, warmup=warmup, iters=iters)["median_ms"]
-                rows.append(dict(shape=shape.name, shape_class=cls, method=cand, median_ms=timed[cand]))
-                entries[key] = dict(op=key[0], capability=key[1], dtype=key[2], shape_class=key[3],
-                                    choice=min(timed, key=timed.get), shape=shape.name, median_ms=dict(timed))
-                write_table()
-                print(rows[-1], flush=True)   # (the log keeps what a cut-off phase measured)
+    timings: dict = {}
+    for late in (False, True):   # candidates slow to start (compiling per shape) after all others of every key
+        for shape in shapes:
+            for masked in (False, True):
+                p = Problem(shape, masked, dtype, device)
+                visible = None if p.visible is None else p.visible.tolist()
+                bounds = list(shape.lengths)
+                cls = AD.shape_class(visible, bounds)
+                key = AD.table_key("joint_attention", device, dtype, cls)
+                timed = timings.setdefault(key, {})
+                for cand in AD.CANDIDATES:
+                    if (cand in LATE_CANDIDATES) != late:
+                        continue
+                    why = AD.runnable(cand, device, cls, inputs=(p.q, p.k, p.v))
+                    if why is None and cand == "triton" and not JA._triton_can_run(p.k[0], 3):
+                        why = "our kernel does not run on these tensors"
+                    if why is not None:
+                        rows.append(dict(shape=shape.name, shape_class=cls, method=cand, error=why))
+                        print(rows[-1], flush=True)
+                        continue
+                    fn = _candidate_call(cand, p, visible, bounds)
+                    timed[cand] = time_fn(fn, warmup=warmup, iters=iters)["median_ms"]
+                    rows.append(dict(shape=shape.name, shape_class=cls, method=cand, median_ms=timed[cand]))
+                    entries[key] = dict(op=key[0], capability=key[1], dtype=key[2], shape_class=key[3],
+                                        choice=min(timed, key=timed.get), shape=shape.name, median_ms=dict(timed))
+                    write_table()
+                    print(rows[-1], flush=True)   # (the log keeps what a cut-off phase measured)
     print(f"wrote {table_path}")
     # auto with the new table, side by side with the candidates
     with attention_table(table_path):

@@ -67,23 +67,26 @@ def test_attention_profile_writes_a_trace_and_a_kernel_table(tmp_path):
 
 @interpreted
 def test_tune_keeps_what_it_measured_when_cut_off(tmp_path, monkeypatch):
-    """bench.attention --tune writes the dispatch table after every timed candidate: a GPU session's time limit
-    that cuts the phase (flex compiling) loses only what was not yet measured."""
+    """bench.attention --tune writes the dispatch table after every timed candidate, and times flex (compiling per
+    shape on a GPU) after every other candidate of every key: a GPU session's time limit that cuts the phase
+    loses only what was not yet measured, flex first."""
     import bench.attention as BA
 
     calls = []
 
-    def cut_off_at_the_third(fn, warmup, iters):
-        if len(calls) == 2:
+    def cut_off_at_the_fifth(fn, warmup, iters):
+        if len(calls) == 4:
             raise KeyboardInterrupt("the phase's time limit")
         calls.append(1)
         fn()
         return {"median_ms": float(len(calls))}
 
-    monkeypatch.setattr(BA, "time_fn", cut_off_at_the_third)
+    monkeypatch.setattr(BA, "time_fn", cut_off_at_the_fifth)
     table = tmp_path / "table.json"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt):          # CPU candidates: triton, sdpa (all, then masked), then flex
         BA.tune(BA.CPU_SHAPES[:1], 0, 1, torch.float32, table)
     entries = json.loads(table.read_text())["entries"]
-    assert len(entries) == 1 and len(entries[0]["median_ms"]) == 2      # the first key, both timed candidates
-    assert entries[0]["choice"] == min(entries[0]["median_ms"], key=entries[0]["median_ms"].get)
+    assert sorted(e["shape_class"] for e in entries) == ["all/s", "masked/s"]
+    for e in entries:
+        assert set(e["median_ms"]) == {"triton", "sdpa"}
+        assert e["choice"] == min(e["median_ms"], key=e["median_ms"].get)
