@@ -200,15 +200,23 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, lo, hi, k
             if CAUSAL:
                 valid = valid & (cols[None, :] <= rows[:, None] + shift)
             s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        if MASKED:
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row that has seen no key yet stays empty
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, MASKED, PRECISION)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, MAY_BE_EMPTY: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile into the running output, row max and row sum of the online softmax (exp2, fp32 state): s
+    [M, N] raw scores (masked entries -inf), v [N, D]. MAY_BE_EMPTY: some row of s may be all -inf (masked tiles);
+    such a row keeps max -inf -> 0 so it stays empty instead of NaN. Shared by both forwards."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    if MAY_BE_EMPTY:
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit

@@ -32,8 +32,9 @@ import triton
 import triton.language as tl
 
 from motus_fast.kernels.joint_attention import (HEAD_DIMS, LOG2E, MAX_EXPERTS, _LN2_DEVICE, _TRITON_DTYPE,
-                                                _padded, _pick, _precision, _sees, _signature, _static_pick,
-                                                _tile, _token_head_strides, effective_visibility, visibility_bits)
+                                                _online_softmax_step, _padded, _pick, _precision, _sees,
+                                                _signature, _static_pick, _tile, _token_head_strides,
+                                                effective_visibility, visibility_bits)
 
 Tensor = torch.Tensor
 
@@ -87,12 +88,8 @@ def _fwd_tiles(acc, m_i, l_i, q, k_desc, v_desc, lo, hi, k_len, qk_scale, MASKED
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)          # [M, N] fp32
         if MASKED:
             s = tl.where((start + offs_n)[None, :] < k_len, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)              # every tile has >= 1 valid key: finite
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+        # every tile has >= 1 valid key (no causal mask here): no row is ever empty
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, False, PRECISION)
     return acc, m_i, l_i
 
 
