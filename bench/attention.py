@@ -25,7 +25,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +34,10 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")        # read when the Triton kernels are imported
 
-from bench.common import backend, device_info, time_fn, write_results  # noqa: E402
+from bench.common import backend, device_info, kernel_table, peak_tflops, time_fn, write_results  # noqa: E402
 from motus_fast.ops.joint_attention import joint_attention, varlen_attention  # noqa: E402
 
 PREFIX_CACHE_MASK = [[True, True, True], [True, True, True], [False, False, True]]   # und sees only und
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0}
 
 
 @dataclass(frozen=True)
@@ -53,16 +52,6 @@ class Shape:
 GPU_SHAPES = [Shape("inference", 1, (360, 21, 150), 24, 128), Shape("training", 8, (360, 21, 150), 24, 128),
               Shape("long", 1, (16384, 21, 150), 24, 128)]
 CPU_SHAPES = [Shape("tiny", 1, (40, 5, 12), 2, 64), Shape("tiny-batch", 2, (40, 5, 12), 2, 64)]
-
-
-def peak_tflops() -> Optional[float]:
-    if not ON_GPU:
-        return None
-    name = torch.cuda.get_device_name(0)
-    for key, peak in PEAK_BF16_TFLOPS.items():          # most specific names first
-        if all(part in name for part in key.split()):
-            return peak
-    return None
 
 
 # ---- problem ------------------------------------------------------------------------------------------------------
@@ -462,21 +451,13 @@ def profile(shapes, dtype, out_dir) -> list[dict]:
     trace = out / "attention_trace.json"
     prof.export_chrome_trace(str(trace))
     print(f"wrote {trace}")
-    peak = peak_tflops()
     flops_per_call = sum(p.flops_fwd() for p in problems) / len(problems)   # exact for one shape (--shapes X)
-    rows = []
-    for ev in prof.key_averages():
-        dev_us = ev.self_device_time_total if ON_GPU else ev.self_cpu_time_total
-        if not dev_us:
-            continue
-        row = dict(kernel=ev.key[:80], calls=ev.count, total_ms=dev_us / 1e3, ms_per_call=dev_us / 1e3 / ev.count)
-        if not ev.key.startswith(("aten::", "bench ")) and any(
-                s in ev.key.lower() for s in ("_fwd_kernel", "flash", "attention", "fmha", "sdpa")):
-            row["tflops"] = flops_per_call * ev.count / (dev_us * 1e-6) / 1e12
-            row["pct_peak"] = 100 * row["tflops"] / peak if peak else None
-        rows.append(row)
-    rows.sort(key=lambda r: -r["total_ms"])
-    return rows[:40]
+
+    def flops(ev):   # attention kernels only
+        attention = not ev.key.startswith(("aten::", "bench ")) and any(
+            s in ev.key.lower() for s in ("_fwd_kernel", "flash", "attention", "fmha", "sdpa"))
+        return flops_per_call if attention else None
+    return kernel_table(prof, ON_GPU, flops, peak_tflops())
 
 
 def _candidate_call(candidate: str, p: Problem, visible, bounds) -> Callable[[], object]:
@@ -545,8 +526,8 @@ def main(argv=None) -> None:
     print(f"bench.attention on {info.get('gpu') or 'CPU'}: {dtype}, peak {peak_tflops()} TFLOP/s (bf16 dense)")
     if args.profile:
         rows = profile(shapes, dtype, args.out_dir)
-        write_results("attention_profile", rows, ["kernel", "calls", "total_ms", "ms_per_call", "tflops",
-                                                   "pct_peak"],
+        write_results("attention_profile", rows, ["kernel", "calls", "total_ms", "ms_per_call", "pct_time",
+                                                   "tflops", "pct_peak"],
                       notes="Self device time per kernel (CPU time on a CPU) over one inference forward of ours "
                             "and of SDPA per shape; trace: attention_trace.json.", out_dir=args.out_dir)
         return

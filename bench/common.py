@@ -14,7 +14,7 @@ import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -90,6 +90,48 @@ def write_results(name: str, rows: list[dict], columns: list[str], notes: str = 
     if notes:
         print(notes)
     return stem.with_suffix(".json"), stem.with_suffix(".md")
+
+
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0}
+
+
+def peak_tflops() -> Optional[float]:
+    """The dense bf16 tensor-core peak of this GPU (None on a CPU or an unlisted GPU)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    for key, peak in PEAK_BF16_TFLOPS.items():          # most specific names first
+        if all(part in name for part in key.split()):
+            return peak
+    return None
+
+
+def profiler_flops(ev) -> Optional[float]:
+    """FLOPs per call that torch.profiler(with_flops=True) estimated for an event (matmuls, convolutions), or None."""
+    return ev.flops / ev.count if getattr(ev, "flops", 0) else None
+
+
+def kernel_table(prof, on_gpu: bool, flops: Callable[[object], Optional[float]] = profiler_flops,
+                 peak_tflops: Optional[float] = None, top: int = 40) -> list[dict]:
+    """Per-kernel rows of a finished torch.profiler run, most time first: calls, self time (device time on a GPU,
+    CPU time on a CPU) in total and per call, its share of all rows' time, and where ``flops(event)`` gives the
+    FLOPs per call, TFLOP/s and % of `peak_tflops`."""
+    rows = []
+    for ev in prof.key_averages():
+        us = ev.self_device_time_total if on_gpu else ev.self_cpu_time_total
+        if not us:
+            continue
+        row = dict(kernel=ev.key[:80], calls=ev.count, total_ms=us / 1e3, ms_per_call=us / 1e3 / ev.count)
+        f = flops(ev)
+        if f:
+            row["tflops"] = f * ev.count / (us * 1e-6) / 1e12
+            row["pct_peak"] = 100 * row["tflops"] / peak_tflops if peak_tflops else None
+        rows.append(row)
+    total = sum(r["total_ms"] for r in rows) or 1.0
+    for r in rows:
+        r["pct_time"] = 100 * r["total_ms"] / total
+    rows.sort(key=lambda r: -r["total_ms"])
+    return rows[:top]
 
 
 @contextlib.contextmanager

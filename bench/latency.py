@@ -3,12 +3,18 @@
     python -m bench.latency                                    # tiny, CPU (the numbers say nothing about a GPU)
     python -m bench.latency --preset motus-8b --device cuda --image-size 320 384 --steps 10   # on an H100
     python -m bench.latency --loopback                         # through the websocket server and our client
+    python -m bench.latency --profile                          # also a torch-profiler trace + per-kernel table
 
 Each request is a fresh observation (new image, so the VLM/VAE observation cache misses) with the same
 instruction (the instruction cache hits after the first request), as in a control loop. Without --checkpoint the
 model is randomly initialised (latency does not depend on the weights). The encoders are the stub encoders, so
 ``vae``/``text``/``vlm`` times exclude the real VAE, umT5 and Qwen3-VL: the denoise loop and the server around it
 are what this measures.
+
+``--profile`` traces ``--profile-requests`` more requests per mode, after the timed ones, with torch.profiler:
+``latency_trace.json`` (open it in Perfetto; one range per request, and with ``MOTUS_NVTX=1`` the same layers
+appear in Nsight Systems) and ``latency_profile_<device>.md``, the kernels by time with their share and, for
+matmuls (the profiler's FLOP estimate), TFLOP/s and % of the bf16 peak.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import logging
 
 import numpy as np
 
-from bench.common import write_results
+from bench.common import kernel_table, peak_tflops, write_results
 
 STAGES = ("preprocess", "text", "vae", "vlm", "denoise", "postprocess")
 
@@ -49,6 +55,35 @@ def request(rng, policy, mode: str, batch: int) -> dict:
     return obs
 
 
+def profile_requests(call, policy, args, on_gpu: bool) -> None:
+    """Trace --profile-requests requests per mode (warm: after the timed ones) in one torch.profiler session:
+    latency_trace.json and the per-kernel table latency_profile_<device> (see the module docstring)."""
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from bench.common import RESULTS
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    rng = np.random.default_rng(1)
+    with profile(activities=activities, with_flops=True) as prof:
+        for mode in args.modes.split(","):
+            for i in range(args.profile_requests):
+                obs = request(rng, policy, mode, args.batch)
+                with record_function(f"request {mode} {i}"):
+                    call(obs)
+    out = Path(args.out_dir or RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(out / "latency_trace.json"))
+    print(f"wrote {out / 'latency_trace.json'}")
+    write_results("latency_profile", kernel_table(prof, on_gpu, peak_tflops=peak_tflops()),
+                  ["kernel", "calls", "total_ms", "ms_per_call", "pct_time", "tflops", "pct_peak"],
+                  notes=f"Self {'device' if on_gpu else 'CPU'} time per kernel over {args.profile_requests} "
+                        f"requests per mode ({args.modes}) after the timed ones; TFLOP/s where torch.profiler "
+                        "estimates FLOPs (matmuls, convolutions); trace: latency_trace.json.",
+                  out_dir=args.out_dir)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="tiny")
@@ -66,6 +101,8 @@ def main(argv=None) -> None:
     p.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--loopback", action="store_true", help="through the websocket server and MotusClient")
+    p.add_argument("--profile", action="store_true", help="also trace requests: Perfetto trace + kernel table")
+    p.add_argument("--profile-requests", type=int, default=3, help="requests per mode traced by --profile")
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -85,14 +122,13 @@ def main(argv=None) -> None:
     rows = []
     running = PolicyServer(policy, config).start_in_thread() if args.loopback else None
     client = MotusClient("127.0.0.1", running.port) if running else None
+    def call(obs):
+        if client is not None:
+            return client.infer(obs)
+        return policy.infer(validate(obs, policy.spec))
     try:
         for mode in args.modes.split(","):
             rng = np.random.default_rng(0)
-
-            def call(obs):
-                if client is not None:
-                    return client.infer(obs)
-                return policy.infer(validate(obs, policy.spec))
             for _ in range(args.warmup):
                 call(request(rng, policy, mode, args.batch))
             total, stages = [], {s: [] for s in STAGES}
@@ -111,6 +147,8 @@ def main(argv=None) -> None:
             rows.append(row)
             print(f"{mode:>11}: p50 {p50:8.2f} ms  p99 {p99:8.2f} ms  (denoise p50 {row['denoise_p50_ms']:.2f} ms)",
                   flush=True)
+        if args.profile:
+            profile_requests(call, policy, args, engine.device.type == "cuda")
     finally:
         if client is not None:
             client.close()

@@ -65,6 +65,21 @@ def test_attention_profile_writes_a_trace_and_a_kernel_table(tmp_path):
     assert rows and all(r["total_ms"] > 0 and r["calls"] >= 1 for r in rows)
 
 
+def test_latency_profile_writes_a_trace_and_a_kernel_table(tmp_path):
+    from bench.latency import main
+
+    main(["--profile", "--profile-requests", "2", "--modes", "vla", "--requests", "1", "--warmup", "0", "--steps", "1",
+          "--out-dir", str(tmp_path)])
+    events = json.loads((tmp_path / "latency_trace.json").read_text())["traceEvents"]
+    assert {"request vla 0", "request vla 1"} <= {e.get("name") for e in events}      # one range per request
+    rows = json.loads(next(tmp_path.glob("latency_profile_*.json")).read_text())["rows"]
+    matmul = [r for r in rows if r["kernel"] in ("aten::addmm", "aten::mm")]
+    assert matmul and all(r["tflops"] > 0 for r in matmul)                 # the profiler's FLOP estimate is used
+    assert [r["total_ms"] for r in rows] == sorted((r["total_ms"] for r in rows), reverse=True)
+    shares = [r["pct_time"] / r["total_ms"] for r in rows]                  # one constant: a share of one total
+    assert max(shares) - min(shares) < 1e-9 and sum(r["pct_time"] for r in rows) <= 100 + 1e-9
+
+
 @interpreted
 def test_tune_keeps_what_it_measured_when_cut_off(tmp_path, monkeypatch):
     """bench.attention --tune writes the dispatch table after every timed candidate, and times flex (compiling per
