@@ -10,6 +10,9 @@ interpreted = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
     reason="Triton kernels run on CPU only under TRITON_INTERPRET=1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# tests that put CPU tensors through the Triton path (dispatch tests): only under the interpreter, even on a GPU box
+cpu_interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                     reason="CPU tensors through the Triton path need TRITON_INTERPRET=1")
 
 
 def assert_fa_rule(name, got, want, same_dtype, factor):

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from kernel_checks import DEVICE, interpreted
+from kernel_checks import DEVICE, cpu_interpreted, interpreted
 
 
 @interpreted
@@ -69,7 +69,7 @@ def test_latency_profile_writes_a_trace_and_a_kernel_table(tmp_path):
     from bench.latency import main
 
     main(["--profile", "--profile-requests", "2", "--modes", "vla", "--requests", "1", "--warmup", "0", "--steps", "1",
-          "--out-dir", str(tmp_path)])
+          "--device", "cpu", "--out-dir", str(tmp_path)])
     events = json.loads((tmp_path / "latency_trace.json").read_text())["traceEvents"]
     assert {"request vla 0", "request vla 1"} <= {e.get("name") for e in events}      # one range per request
     rows = json.loads(next(tmp_path.glob("latency_profile_*.json")).read_text())["rows"]
@@ -80,7 +80,7 @@ def test_latency_profile_writes_a_trace_and_a_kernel_table(tmp_path):
     assert max(shares) - min(shares) < 1e-9 and sum(r["pct_time"] for r in rows) <= 100 + 1e-9
 
 
-@interpreted
+@cpu_interpreted   # (the CPU's candidates: triton, sdpa, flex)
 def test_tune_keeps_what_it_measured_when_cut_off(tmp_path, monkeypatch):
     """bench.attention --tune writes the dispatch table after every timed candidate, and times flex (compiling per
     shape on a GPU) after every other candidate of every key: a GPU session's time limit that cuts the phase

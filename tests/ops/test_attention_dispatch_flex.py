@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-from kernel_checks import assert_fa_rule, interpreted
+from kernel_checks import assert_fa_rule, cpu_interpreted
 from motus_fast.ops import attention_dispatch as AD
 from motus_fast.ops.joint_attention import joint_attention, joint_attention_reference
 
@@ -152,7 +152,7 @@ def test_cpu_boundaries_reuse_the_last_mask_and_rebuild_on_new_values(monkeypatc
             assert_reference(out, q, k, v, cu, MASK)
 
 
-@interpreted
+@cpu_interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("visible", [None, MASK, BLIND], ids=["all", "prefix-mask", "blind-row"])
@@ -187,7 +187,7 @@ def test_auto_with_a_flex_table_runs_flex_with_the_reference_numbers(fresh, tmp_
         assert bool((out[e][blind] == 0).all()), f"out[{e}]: a query that sees no key must give 0"
 
 
-@interpreted
+@cpu_interpreted
 def test_flex_under_autograd_on_cpu_falls_back_to_ours_with_one_line(fresh, tmp_path, monkeypatch, caplog):
     """flex_attention has no CPU backward: a table naming flex gives training calls on CPU our kernels (one line),
     with the reference's gradients (3x rule)."""
@@ -212,7 +212,7 @@ def test_flex_under_autograd_on_cpu_falls_back_to_ours_with_one_line(fresh, tmp_
         assert_fa_rule(f"grad[{i}]", g, w, s, 3)
 
 
-@interpreted
+@cpu_interpreted
 def test_flex_that_cannot_run_falls_back_to_ours_with_one_line(fresh, tmp_path, monkeypatch, caplog):
     lens = CASES["odd and empty"]
     monkeypatch.setenv(AD.TABLE_ENV, str(flex_table(tmp_path / "t.json", MASK, lens)))
@@ -247,7 +247,7 @@ def test_flex_lse_is_natural_log():
     torch.testing.assert_close(aux.lse[0, 0].double(), want, atol=1e-5, rtol=1e-5)
 
 
-@interpreted
+@cpu_interpreted
 def test_tune_times_the_flex_candidate_through_the_public_op(fresh, monkeypatch):
     """bench.attention --tune reaches flex through auto with a one-entry table (the same host path as the other
     candidates, its concatenation and block mask included): the plan is built once and computes flex's numbers."""

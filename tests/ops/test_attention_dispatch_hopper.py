@@ -12,14 +12,13 @@ import sys
 import pytest
 import torch
 
+from kernel_checks import cpu_interpreted
 from motus_fast.ops import attention_dispatch as AD
 from motus_fast.ops.joint_attention import joint_attention, joint_attention_reference
 
 JA = sys.modules["motus_fast.ops.joint_attention"]
 CPU = torch.device("cpu")
 MASK = [[True, True, True], [True, True, True], [False, False, True]]
-interpreted = pytest.mark.skipif(not JA.interpreting(),
-                                 reason="CPU tensors through the Triton path need TRITON_INTERPRET=1")
 
 
 def hopper_table(path, capability="cpu", dtype="fp32", classes=("all/s", "masked/s")):
@@ -73,7 +72,7 @@ def test_table_naming_hopper_on_cpu_falls_back_with_one_line(fresh, tmp_path, ca
     assert len(warnings) == 1 and "triton_hopper" in warnings[0] and "CUDA" in warnings[0], warnings
 
 
-@interpreted
+@cpu_interpreted
 @pytest.mark.parametrize("visible", [None, MASK])
 def test_public_op_with_a_hopper_table_on_cpu_runs_ours(fresh, tmp_path, monkeypatch, caplog, visible):
     import motus_fast.kernels.joint_attention_hopper as JH
@@ -92,7 +91,7 @@ def test_public_op_with_a_hopper_table_on_cpu_runs_ours(fresh, tmp_path, monkeyp
         torch.testing.assert_close(got[e].double(), want[e], atol=2e-5, rtol=2e-5)
 
 
-@interpreted
+@cpu_interpreted
 def test_plan_runs_the_hopper_launcher_for_inference_and_ours_under_autograd(fresh, tmp_path, monkeypatch, caplog):
     """With the device check waived (so the interpreter can stand in for an H100), a table choice of triton_hopper
     makes the eager inference plan launch the Hopper kernel; with gradients the custom op (portable kernels) runs
@@ -124,7 +123,7 @@ def test_plan_runs_the_hopper_launcher_for_inference_and_ours_under_autograd(fre
         torch.testing.assert_close(got[e].double(), want[e], atol=2e-3, rtol=2e-3)
 
 
-@interpreted
+@cpu_interpreted
 def test_tune_times_the_hopper_candidate_through_the_public_op(fresh, monkeypatch):
     """bench.attention --tune reaches triton_hopper through auto with a one-entry table (the same host path as the
     other candidates): the plan it builds launches the Hopper kernel, and the caller's table setting is restored."""
