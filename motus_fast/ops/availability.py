@@ -178,16 +178,15 @@ class PlanCache:
     def get(self, key, tensors: Sequence):
         """The plan of `key` and these tensors' signature, or None."""
         slots = self._guarded.get(key)
-        if slots:
+        for guard, nones, pick, plan in slots or ():
             try:
-                for guard, nones, pick, plan in slots:
-                    if nones is None:     # a None where the guard has a tensor fails its type check
-                        if guard.check(*tensors):
-                            return plan
-                    elif all(tensors[i] is None for i in nones) and guard.check(*pick(tensors)):
+                if nones is None:     # a None where the guard has a tensor fails its type check
+                    if guard.check(*tensors):
                         return plan
-            except TypeError:   # a guard of another number of tensors ("wrong length"): not this plan
-                pass
+                elif all(tensors[i] is None for i in nones) and guard.check(*pick(tensors)):
+                    return plan
+            except (TypeError, IndexError):   # a plan of another number of tensors ("wrong length"): not this one
+                continue
         full = (key, signature(*tensors))
         plan = self._plans.get(full)
         if plan is not None and full not in self._unguarded:

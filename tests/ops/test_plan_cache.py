@@ -42,6 +42,15 @@ def test_a_plan_is_found_only_for_its_signature(lookup):
     assert cache.get("op", (torch.zeros(4), None)) is None
     assert cache.get("op", (torch.zeros(4), torch.zeros(4))) is None           # a tensor where the plan has None
     assert cache.get("op", (torch.zeros(4),)) is None                           # fewer tensors under the key
+    cache.put("op", (x, y, None), "plan xy-")                                   # a None past a shorter call's end
+    assert cache.get("op", (torch.zeros(4),)) is None
+    cache.put("op", (y,), "plan 1")                                             # after plans of other lengths
+    keys = []
+    real = AV.signature
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(AV, "signature", lambda *ts: keys.append(1) or real(*ts))
+        assert cache.get("op", (torch.ones(4),)) == "plan 1"
+    assert keys == ([] if lookup == "guards" else [1])                          # the guard found it
     assert cache.get("op", (x, y, y)) is None                                   # more
     assert cache.get("op", (x, y)) == "plan xy"
 
