@@ -710,13 +710,15 @@ def compile_targets(dtypes=GPU_DTYPES, head_dims=(64, 128)):
             for tag, E, bits, causal in variants:
                 for kname, fn, blocks in (("fwd", _fwd_kernel, cfg.fwd), ("dkdv", _dkdv_kernel, cfg.dkdv),
                                           ("dq", _dq_kernel, cfg.dq)):
-                    consts = dict(NUM_EXPERTS=E, VISIBLE=bits, CAUSAL=causal, BLOCK_M=blocks.block_m,
-                                  BLOCK_N=blocks.block_n, HEAD_D=D, PRECISION=_precision(dtype),
-                                  **({"WRITE_LSE": True} if kname == "fwd" else {}))
-                    yield dict(name=f"{kname} {dt} d{D} {tag} {blocks.block_m}x{blocks.block_n} "
-                                    f"w{blocks.num_warps} s{blocks.num_stages}",
-                               fn=fn, **_signature(fn, dt, E, consts),
-                               num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+                    # the forward with its LSE store (training) and, all-visible, without it (eager inference)
+                    for lse in ((True, False) if kname == "fwd" and tag == "E3" else (True,)):
+                        consts = dict(NUM_EXPERTS=E, VISIBLE=bits, CAUSAL=causal, BLOCK_M=blocks.block_m,
+                                      BLOCK_N=blocks.block_n, HEAD_D=D, PRECISION=_precision(dtype),
+                                      **({"WRITE_LSE": lse} if kname == "fwd" else {}))
+                        yield dict(name=f"{kname} {dt} d{D} {tag}{'' if lse else ' no-LSE'} "
+                                        f"{blocks.block_m}x{blocks.block_n} w{blocks.num_warps} s{blocks.num_stages}",
+                                   fn=fn, **_signature(fn, dt, E, consts),
+                                   num_warps=blocks.num_warps, num_stages=blocks.num_stages)
             consts = dict(NUM_EXPERTS=3, BLOCK_T=cfg.delta_block, HEAD_D=D)
             yield dict(name=f"delta {dt} d{D} E3 {cfg.delta_block}", fn=_delta_kernel,
                        **_signature(_delta_kernel, dt, 3, consts), num_warps=4, num_stages=1)
@@ -733,6 +735,7 @@ def _signature(fn, dt: str, num_experts: int, consts: dict) -> dict:
             return None
         return "*fp32" if stem in ("LSE", "DELTA") else "*i32" if stem.startswith("CU") else f"*{dt}"
     used = lambda n: expert(n) is None or expert(n) < num_experts               # noqa: E731
+    no_lse = consts.get("WRITE_LSE") is False                                   # launched with LSE* = None
     return kernel_signature(fn, consts, pointer, is_float=lambda n: n in ("qk_scale", "softmax_scale"),
                             aligned=lambda n: n.startswith("s") and n[1] in "qkv" and used(n),
-                            absent=lambda n: not used(n))
+                            absent=lambda n: not used(n) or (no_lse and n.startswith("LSE")))

@@ -287,9 +287,10 @@ def compile_targets(dtypes=(torch.float16, torch.bfloat16), head_dims=HEAD_DIMS)
             if dtype == torch.bfloat16 and D == max(head_dims):
                 variants.append(("E3-masked", prefix_cache))
             for tag, bits in variants:
-                consts = dict(NUM_EXPERTS=3, VISIBLE=bits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D,
-                              PRECISION=_precision(dtype), WRITE_LSE=True)   # the larger variant
-                yield dict(name=f"hopper fwd {dt} d{D} {tag} {cfg.block_m}x{cfg.block_n} w{cfg.num_warps} "
-                                f"s{cfg.num_stages}",
-                           fn=_fwd_kernel, **_signature(_fwd_kernel, dt, 3, consts),
-                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                for lse in (True, False) if tag == "E3" else (True,):   # eager inference writes no LSE
+                    consts = dict(NUM_EXPERTS=3, VISIBLE=bits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                  HEAD_D=D, PRECISION=_precision(dtype), WRITE_LSE=lse)
+                    yield dict(name=f"hopper fwd {dt} d{D} {tag}{'' if lse else ' no-LSE'} {cfg.block_m}x"
+                                    f"{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}",
+                               fn=_fwd_kernel, **_signature(_fwd_kernel, dt, 3, consts),
+                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -97,5 +97,6 @@ class ActionExpert(nn.Module):
         [B, K, action_dim]"""
         shift, scale = (self.decoder_modulation + e[:, None]).unsqueeze(1).unbind(2)
         start = 1 if self.cfg.layout == "finetune" else 0     # drop the state row (and the registers after K)
-        h = a.modulate(shift, scale, self.cfg.eps)[1]         # (a row-wise op: the dropped rows cost a few rows)
-        return self.head(h[:, start: start + self.cfg.chunk_size])
+        rows = slice(start, start + self.cfg.chunk_size)
+        a = Stream(*(t if t is None or t.shape[1] == 1 else t[:, rows] for t in a))   # (a per-sample gate stays)
+        return self.head(a.modulate(shift, scale, self.cfg.eps)[1])

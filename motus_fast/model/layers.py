@@ -39,6 +39,10 @@ class Stream(NamedTuple):
             return self.x, adaln_modulate(self.x, shift, scale, eps)
         return gated_residual_adaln(self.x, self.branch, self.gate, shift, scale, eps)
 
+    def settled(self) -> "Stream":
+        """The stream with its branch added (torch ops), nothing pending."""
+        return self if self.branch is None else Stream(self.value())
+
     def value(self) -> torch.Tensor:
         """The stream itself, for a caller that needs it without a following AdaLN (in x's dtype, as upstream)."""
         if self.branch is None:

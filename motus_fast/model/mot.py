@@ -89,20 +89,24 @@ class MotusBlock(nn.Module):
 
     @annotate("MotusBlock")   # an NVTX range per layer when MOTUS_NVTX=1 (motus_fast/ops/profiling.py)
     def forward(self, x: Stream, a: Optional[Stream], u: Optional[Stream], *, e6_video, e6_action, rope, text,
-                text_lens, cu_und, last: bool, video_und_see_actions: bool = True, kv_out: Optional[list] = None):
+                text_lens, cu_video, cu_action, cu_und, last: bool, video_und_see_actions: bool = True,
+                kv_out: Optional[list] = None):
         # x: [B, L_v, Dv]  a: [B, L_a, Da] or None  u: [T_u, Du] (packed) or None, each a Stream (the previous
-        # layer's FFN branch still to add)  e6_*: [B, 6, D] or [B, L_v, 6, Dv]
+        # layer's FFN branch still to add)  e6_*: [B, 6, D] or [B, L_v, 6, Dv]  cu_*: int32 [B+1] boundaries
         # text: embedded context [B, L_t, Dv] or this layer's cached (k, v). A stream given as None is absent
-        # (stage 1 trains the video expert alone). Returns the three output Streams (und: None in the last layer).
+        # (stage 1 trains the video expert alone). Returns the three output Streams (und: None in the last layer);
+        # while gradients are recorded they are settled: under activation checkpointing a block's inputs live until
+        # the backward (a pending branch would be one more stream-sized tensor per layer), and a training step is
+        # not bound by launches.
         B, L_v = x.x.shape[:2]
         rows = lambda t: None if t is None else t.reshape(-1, *t.shape[-2:])  # noqa: E731  [.., H, D] -> [T, H, D]
         x, qk_v, vv, mod_v = self.video.attention_inputs(x, e6_video, rope)
         qk, v = [qk_v], [rows(vv)]
-        cu = [uniform_cu_seqlens(B, L_v, x.device)]
+        cu = [cu_video]
         if a is not None:
             a, qk_a, va, mod_a = self.action.attention_inputs(a, e6_action)
             qk, v = qk + [qk_a], v + [rows(va)]
-            cu.append(uniform_cu_seqlens(B, a.shape[1], x.device))
+            cu.append(cu_action)
         if u is not None:
             u, qk_u, vu = self.und.attention_inputs(u, need_queries=not last)
             qk, v = qk + [qk_u], v + [vu]
@@ -121,6 +125,8 @@ class MotusBlock(nn.Module):
             a = self.action.finish(a, out[1].reshape(B, a.shape[1], -1), mod_a)
         if u is not None:
             u = None if last else self.und.finish(u, out[-1].flatten(1))
+        if torch.is_grad_enabled():
+            x, a, u = (None if s is None else s.settled() for s in (x, a, u))
         return x, a, u
 
     def context_kv(self, x: Stream, u: Optional[Stream], *, e6_video, rope) -> LayerKV:
@@ -134,7 +140,7 @@ class MotusBlock(nn.Module):
         normed = qk_norm_rope(qk, self.video.cfg.num_heads)
         return LayerKV(video=(rows(normed[0][1]), v[0]), und=None if u is None else (rows(normed[-1][1]), v[-1]))
 
-    def action_only(self, a: Stream, kv: LayerKV, *, e6_action, cu_video, cu_und) -> Stream:
+    def action_only(self, a: Stream, kv: LayerKV, *, e6_action, cu_video, cu_action, cu_und) -> Stream:
         """This layer of the action expert alone, its queries attending to the given video/und keys and values and
         to its own. a: [B, L_a, Da] -> [B, L_a, Da], as Streams"""
         B, L_a = a.x.shape[:2]
@@ -142,7 +148,7 @@ class MotusBlock(nn.Module):
         (q, k), = qk_norm_rope([qk_a], self.video.cfg.num_heads)
         rows = lambda t: t.reshape(B * L_a, *t.shape[-2:])  # noqa: E731
         queries, keys, values = [None, rows(q)], [kv.video[0], rows(k)], [kv.video[1], rows(va)]
-        cu = [cu_video, uniform_cu_seqlens(B, L_a, a.device)]
+        cu = [cu_video, cu_action]
         bounds = [kv.video[0].shape[0] // B, L_a]
         if kv.und is not None:
             queries, keys, values, cu = queries + [None], keys + [kv.und[0]], values + [kv.und[1]], cu + [cu_und]
@@ -233,11 +239,14 @@ class Motus(nn.Module):
         u, cu_und = cache.und or (None, None)                                  # T_u, Du (packed)
         u = None if u is None else Stream(u)
         cos, sin = rope_tables(grid, self.cfg.head_dim, device=video.device)
+        cu_video = uniform_cu_seqlens(B, x.x.shape[1], video.device)            # once for every layer
+        cu_action = None if a is None else uniform_cu_seqlens(B, a.x.shape[1], video.device)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, blk in enumerate(self.blocks):
             text = cache.text_kv[i] if cache.text_kv is not None else cache.text_ctx
             kw = dict(e6_video=e6_video, e6_action=e6_action, rope=(cos, sin), text=text,
-                      text_lens=cond.text_lens, cu_und=cu_und, last=i == len(self.blocks) - 1,
+                      text_lens=cond.text_lens, cu_video=cu_video, cu_action=cu_action, cu_und=cu_und,
+                      last=i == len(self.blocks) - 1,
                       video_und_see_actions=self.cfg.video_und_see_actions, kv_out=kv_out)
             if recompute:   # keep only the block inputs; recompute the block in backward
                 x, a, u = torch.utils.checkpoint.checkpoint(blk, x, a, u, use_reentrant=False, **kw)
@@ -261,10 +270,12 @@ class Motus(nn.Module):
         u = None if u is None else Stream(u)
         rope = rope_tables(grid, self.cfg.head_dim, device=video.device)
         kv: list[LayerKV] = []
+        cu_video = uniform_cu_seqlens(B, x.x.shape[1], video.device)
         for i, blk in enumerate(self.blocks[:-1]):
             text = cache.text_kv[i] if cache.text_kv is not None else cache.text_ctx
             x, _, u = blk(x, None, u, e6_video=e6_video, e6_action=None, rope=rope, text=text,
-                          text_lens=cond.text_lens, cu_und=cu_und, last=False, kv_out=kv)
+                          text_lens=cond.text_lens, cu_video=cu_video, cu_action=None, cu_und=cu_und, last=False,
+                          kv_out=kv)
         kv.append(self.blocks[-1].context_kv(x, u, e6_video=e6_video, rope=rope))   # the last layer: K/V only
         return kv
 
@@ -285,9 +296,10 @@ class Motus(nn.Module):
         e_action, e6_action = self.action.time(_per_sample(t_action, B, "t_action")) if time_emb is None \
             else time_emb
         cu_video = uniform_cu_seqlens(B, context[0].video[0].shape[0] // B, a.x.device)
+        cu_action = uniform_cu_seqlens(B, a.x.shape[1], a.x.device)
         cu_und = None if cache.und is None else cache.und[1]
         for blk, kv in zip(self.blocks, context):
-            a = blk.action_only(a, kv, e6_action=e6_action, cu_video=cu_video, cu_und=cu_und)
+            a = blk.action_only(a, kv, e6_action=e6_action, cu_video=cu_video, cu_action=cu_action, cu_und=cu_und)
         return self.action.unembed(a, e_action)
 
 

@@ -18,12 +18,13 @@ over the packed tokens: joint_attention_reference, its packing cost included in 
 ``flash_attn`` (flash_attn_varlen_func over the packed tokens, all-visible only, when the package is installed)
 and ``flex`` (torch's flex_attention over the experts' buffers concatenated, every sample and visibility at once
 through a mask_mod on per-token segment ids; compiled on CUDA, its eager reference math on CPU; the concatenation
-and the block-mask build are part of its measured cost: flex_joint).
+and the block-mask build are part of its measured cost: flex_joint; only the inference forward, as the table
+measures: autograd keeps ours).
 
 Rule for a key the table lacks (or no table): ours, the one candidate that serves every visibility and layout
 without repacking; entries at other lengths are not extrapolated. A table choice that cannot run here (package
 missing, masked visibility for flash_attn, another GPU or unaligned strides for triton_hopper, a torch without
-flex_attention or autograd through flex on CPU) falls back to ours with one WARNING line. Each decision is logged
+flex_attention or autograd through flex) falls back to ours with one WARNING line. Each decision is logged
 once per key.
 """
 
@@ -99,7 +100,7 @@ def load_table(path: str) -> dict:
 
 def runnable(candidate: str, device: torch.device, cls: str, inputs: Optional[tuple] = None) -> Optional[str]:
     """None if `candidate` can run here, else why not. `inputs` = (q, k, v) lists also checks what depends on the
-    tensors (triton_hopper: dtype, head dim, 16-byte strides; flex: autograd on CPU)."""
+    tensors (triton_hopper: dtype, head dim, 16-byte strides; flex: autograd)."""
     if candidate == "triton_hopper":
         if device.type != "cuda":
             return "the Hopper forward runs on CUDA devices of compute capability 9.x only"
@@ -120,9 +121,9 @@ def runnable(candidate: str, device: torch.device, cls: str, inputs: Optional[tu
             return "flash_attn cannot express a visibility mask"
     if candidate == "flex":
         why = flex_attention_missing(device)
-        if why is None and device.type == "cpu" and inputs is not None and needs_grad(*inputs[0], *inputs[1],
-                                                                                      *inputs[2]):
-            why = "flex_attention has no backward on CPU"
+        if why is None and inputs is not None and needs_grad(*inputs[0], *inputs[1], *inputs[2]):
+            # the table times the inference forward only (and flex has no backward on CPU at all)
+            why = "flex serves the inference forward only (no backward timed; none on CPU)"
         return why
     return None
 
@@ -233,7 +234,7 @@ def flex_joint(q, k, v, cu_seqlens, visible, scale, max_seqlens):
     lse_dtype = torch.promote_types(dtype, torch.float32)
     vis = torch.ones(E, E, dtype=torch.bool) if visible is None else torch.tensor(visible, dtype=torch.bool)
     vis = vis.to(dev)
-    backward = needs_grad(*q, *k, *v)     # (part of the plan's key) the backward's q-block lists, else skipped
+    backward = False     # inference only (runnable): the backward's q-block lists are not built
     static = None
     if Tq and Tk and all(n == B * bound for n, bound in zip(k_sizes, max_seqlens)):
         uniform = [torch.arange(B + 1, device=dev) * bound for bound in max_seqlens]

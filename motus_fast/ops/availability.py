@@ -135,12 +135,13 @@ def tensor_guards():
             return TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
                                 dynamic_dims_strides=[list(t.stride()) for t in tensors])
 
-        x = torch.zeros(2, 3)
-        g = build(x)
-        others = {"shape": torch.zeros(4, 3), "strides": torch.zeros(3, 2).t(),    # (one differs, the other not)
-                  "dtype": torch.zeros(2, 3).double(), "requires_grad": torch.zeros(2, 3, requires_grad=True)}
+        f32 = torch.float32   # (explicit: not the process's default dtype)
+        g = build(torch.zeros(2, 3, dtype=f32))
+        others = {"shape": torch.zeros(4, 3, dtype=f32), "strides": torch.zeros(3, 2, dtype=f32).t(),  # (only one)
+                  "dtype": torch.zeros(2, 3, dtype=torch.float64),
+                  "requires_grad": torch.zeros(2, 3, dtype=f32, requires_grad=True)}
         wrong = [name for name, t in others.items() if g.check(t)]
-        if not g.check(torch.ones(2, 3)) or wrong:
+        if not g.check(torch.ones(2, 3, dtype=f32)) or wrong:
             raise RuntimeError(f"its check does not tell {wrong or 'equal signatures'} apart")
         return build
     except Exception as err:   # noqa: BLE001 (any failure of a private API: use the Python keys, say so)
@@ -153,14 +154,15 @@ def tensor_guards():
 class PlanCache:
     """(key, tensors) -> plan, for plans that depend on the op's parameters (`key`, hashable) and on its tensor
     arguments' signatures (`tensors`, None allowed). Plans are stored under the Python signature; each also gets a
-    C++ guard (tensor_guards), and a lookup first tries the guards of the recent plans of this key (at most
-    `slots`), in order. Tensors that alias each other cannot be guarded (the check refuses them): their plans are
-    found through the Python key. Cleared when it holds `size` plans (shapes that never repeat cannot grow it)."""
+    C++ guard (tensor_guards), and a lookup first tries the guards of the first `slots` plans of this key, in order.
+    Tensors that alias each other cannot be guarded (the check refuses them): their plans, and those of a key's
+    later signatures, are found through the Python key. Cleared when it holds `size` plans (shapes that never
+    repeat cannot grow it)."""
 
     def __init__(self, size: int = 512, slots: int = 8):
         self.size, self.slots = size, slots
         self._plans: dict = {}         # (key, signature) -> plan
-        self._guarded: dict = {}       # key -> [(guard, positions of None, pick the others, plan)], oldest first
+        self._guarded: dict = {}       # key -> [(guard, tensor count, positions of None, pick the others, plan)]
         self._unguarded: set = set()   # (key, signature) of plans whose tensors could not be guarded
 
     def __len__(self) -> int:
@@ -178,15 +180,15 @@ class PlanCache:
     def get(self, key, tensors: Sequence):
         """The plan of `key` and these tensors' signature, or None."""
         slots = self._guarded.get(key)
-        for guard, nones, pick, plan in slots or ():
-            try:
-                if nones is None:     # a None where the guard has a tensor fails its type check
-                    if guard.check(*tensors):
-                        return plan
-                elif all(tensors[i] is None for i in nones) and guard.check(*pick(tensors)):
-                    return plan
-            except (TypeError, IndexError):   # a plan of another number of tensors ("wrong length"): not this one
+        n = len(tensors)
+        for guard, count, nones, pick, plan in slots or ():
+            if count != n:
                 continue
+            if nones is None:     # a None where the guard has a tensor fails its type check
+                if guard.check(*tensors):
+                    return plan
+            elif all(tensors[i] is None for i in nones) and guard.check(*pick(tensors)):
+                return plan
         full = (key, signature(*tensors))
         plan = self._plans.get(full)
         if plan is not None and full not in self._unguarded:
@@ -203,18 +205,19 @@ class PlanCache:
 
     def _guard(self, key, tensors, plan, full) -> None:
         build = tensor_guards()
+        slots = self._guarded.setdefault(key, [])
         present = [i for i, t in enumerate(tensors) if t is not None]
-        guard = None if build is None or not present else build(*[tensors[i] for i in present])
-        if guard is None or not guard.check(*[tensors[i] for i in present]):   # aliasing tensors, or no guards
+        # the first `slots` signatures of a key keep their guards (no eviction: signatures in rotation would
+        # rebuild a guard, ~15 us, on every call); later ones are found through the Python key
+        guard = None if build is None or not present or len(slots) >= self.slots else \
+            build(*[tensors[i] for i in present])
+        if guard is None or not guard.check(*[tensors[i] for i in present]):   # aliasing tensors, full, no guards
             self._unguarded.add(full)
             return
         nones = None if len(present) == len(tensors) else [i for i, t in enumerate(tensors) if t is None]
         pick = None if nones is None else (lambda ts, i=present[0]: (ts[i],)) if len(present) == 1 else \
             operator.itemgetter(*present)
-        slots = self._guarded.setdefault(key, [])
-        if len(slots) >= self.slots:
-            del slots[0]
-        slots.append((guard, nones, pick, plan))
+        slots.append((guard, len(tensors), nones, pick, plan))
 
 
 def eager_call() -> bool:

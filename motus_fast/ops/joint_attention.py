@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -91,18 +92,19 @@ def _boundary_check(cu_seqlens, k, max_seqlens):
     """-> check(cu_seqlens) of the CPU boundaries' values for later calls of this signature (None: none on CPU).
     The common case is one comparison per boundary; a failure goes to _check_boundaries for its message. A tensor
     found valid is not read again while it is the one passed and its version counter (bumped by every in-place
-    torch op) is unchanged: the model passes the same boundaries to every layer. (Tensors made under
-    torch.inference_mode have no counter: they are read every call.)"""
+    torch op; not by writes through .numpy() or .data, which the boundaries must not get after their first use)
+    is unchanged: the model passes one set to every layer. (Tensors made under torch.inference_mode have no
+    counter: they are read every call. The plan holds the last valid tensors weakly.)"""
     cpu = [(e, k[e].shape[0], max_seqlens[e]) for e, c in enumerate(cu_seqlens) if c.device.type == "cpu"]
     if not cpu:
         return None
-    valid = [(None, -1)] * len(cu_seqlens)   # per expert: the last tensor found valid, and its version then
+    valid = [(_dead, None)] * len(cu_seqlens)   # per expert: the last tensor found valid (weakly), its version
 
     def check(cu_seqlens):
         for e, total, bound in cpu:
             c = cu_seqlens[e]
             seen, version = valid[e]
-            if seen is c and version is not None and version == c._version:
+            if version is not None and seen() is c and version == c._version:
                 continue
             b = c.tolist()
             prev = b[0]
@@ -112,8 +114,12 @@ def _boundary_check(cu_seqlens, k, max_seqlens):
                 prev = x
             if not ok:
                 _check_boundaries(f"cu_seqlens[{e}]", c, total, bound, f"max_seqlens[{e}]")
-            valid[e] = (c, None if c.is_inference() else c._version)   # (inference tensors have no counter)
+            valid[e] = (weakref.ref(c), None if c.is_inference() else c._version)
     return check
+
+
+def _dead():   # a weak reference to nothing
+    return None
 
 
 def _joint_plan(q, k, v, cu_seqlens, visible, softmax_scale, max_seqlens):

@@ -7,6 +7,7 @@ from motus_fast.config import PRESETS
 from motus_fast.flow import FlowBatch, FlowDraws, sample, sampling_grid, training_loss, training_sigmas
 from motus_fast.model import Conditioning
 from motus_fast.model.layers import Stream
+from motus_fast.model.mot import uniform_cu_seqlens
 from motus_fast.weights.upstream import config_from_upstream_json
 
 
@@ -55,7 +56,8 @@ def test_forward_intermediates_match_upstream(tiny_model, tiny_fixture):
         for i, blk in enumerate(m.blocks):
             last = i == len(m.blocks) - 1
             x, a, u = blk(x, a, u, e6_video=e6, e6_action=e6a, rope=rope, text=cache.text_kv[i], text_lens=None,
-                          cu_und=cu, last=last)
+                          cu_video=uniform_cu_seqlens(2, x.x.shape[1], "cpu"),
+                          cu_action=uniform_cu_seqlens(2, a.x.shape[1], "cpu"), cu_und=cu, last=last)
             # (a layer's output stream leaves its FFN branch to the next AdaLN: added here to compare)
             assert_close_to_fixture(f"layer{i}.video_out", x.value(), io[f"fwd.dbg.layer{i}.video_out"])
             assert_close_to_fixture(f"layer{i}.action_out", a.value(), io[f"fwd.dbg.layer{i}.action_out"])

@@ -221,10 +221,18 @@ def test_a_changed_backend_is_seen(monkeypatch):
         assert calls == [1]
 
 
-def test_inference_writes_the_lse_only_when_asked(triton_backend):
+def test_inference_writes_the_lse_only_when_asked(triton_backend, monkeypatch):
     """The eager inference plan launches a kernel variant without the LSE store unless return_lse: same outputs
     either way, and the LSE, when asked for, is the reference's."""
+    import sys
+
+    import motus_fast.kernels.joint_attention as K
     from motus_fast.ops.joint_attention import joint_attention_reference
+
+    JA = sys.modules["motus_fast.ops.joint_attention"]
+    monkeypatch.setattr(JA, "_PLANS", type(JA._PLANS)())             # a plan built here, by the spied launcher
+    built, real = [], K.forward_launcher
+    monkeypatch.setattr(K, "forward_launcher", lambda *a, **kw: built.append(kw["write_lse"]) or real(*a, **kw))
 
     inputs, _ = _attention()
     q0, q1, k0, k1, k2, v0, v1, v2 = inputs
@@ -234,7 +242,7 @@ def test_inference_writes_the_lse_only_when_asked(triton_backend):
     with torch.no_grad(), CustomOpCalls() as fast:
         plain = joint_attention(*args, max_seqlens=[5, 2, 4])
         out, lse = joint_attention(*args, max_seqlens=[5, 2, 4], return_lse=True)
-    assert fast.names == []
+    assert fast.names == [] and built == [False, True]                  # the LSE-writing variant when first asked
     _, want = joint_attention_reference(*[[None if t is None else t.double() for t in ts] for ts in args[:3]], cu,
                                         return_lse=True)
     for e in range(2):
@@ -254,6 +262,8 @@ def test_plans_keep_no_tensor_alive(triton_backend):
             call(*inputs)
             call(*inputs)                               # through the cached plan (and its lookups)
         refs = [weakref.ref(t) for t in inputs if isinstance(t, torch.Tensor) and t._base is None]
-        del inputs
+        closure = dict(zip(call.__code__.co_freevars, (c.cell_contents for c in call.__closure__ or ())))
+        refs += [weakref.ref(c) for c in closure.get("cu", [])]   # joint attention's boundaries (values checked)
+        del inputs, call, closure
         gc.collect()
         assert all(r() is None for r in refs), name
