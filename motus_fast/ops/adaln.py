@@ -79,7 +79,10 @@ def adaln_modulate(x: Tensor, shift: Optional[Tensor], scale: Optional[Tensor], 
 def gated_residual_adaln(x: Tensor, y: Tensor, gate: Optional[Tensor], shift: Optional[Tensor],
                          scale: Optional[Tensor], eps: float, norm: str = "layer") -> tuple[Tensor, Tensor]:
     """x' = x + y * gate (gate None: x + y); h = N(x') * (1 + scale) + shift. x, y: [B, L, D] (or [T, D] without
-    gate/modulation); gate/shift/scale: [B|1, 1|L, D] or None. Returns (x', h)."""
+    gate/modulation); gate/shift/scale: [B|1, 1|L, D] or None. Returns (x', h). Under autocast a branch y of
+    another dtype (a bf16 projection beside an fp32 stream) is cast to x's: the stream keeps its dtype."""
+    if y is not None and y.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
+        y = y.to(x.dtype)
     if not eager_call():
         return _plan("gated_residual_adaln", x, y, gate, shift, scale, eps, norm)(x, y, gate, shift, scale)
     grad = torch.is_grad_enabled()
