@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from motus_fast.backend import choose
-from motus_fast.ops.availability import (PlanCache, backend_setting, cuda_ops_run_on, eager_call, launch_budget,
-                                         needs_grad, triton_runs_on)
+from motus_fast.ops.availability import (PlanCache, autocast_dtype, backend_setting, cuda_ops_run_on, eager_call,
+                                         launch_budget, needs_grad, triton_runs_on)
 from motus_fast.ops.profiling import annotate
 
 Tensor = torch.Tensor
@@ -81,7 +81,7 @@ def gated_residual_adaln(x: Tensor, y: Tensor, gate: Optional[Tensor], shift: Op
     """x' = x + y * gate (gate None: x + y); h = N(x') * (1 + scale) + shift. x, y: [B, L, D] (or [T, D] without
     gate/modulation); gate/shift/scale: [B|1, 1|L, D] or None. Returns (x', h). Under autocast a branch y of
     another dtype (a bf16 projection beside an fp32 stream) is cast to x's: the stream keeps its dtype."""
-    if y is not None and y.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
+    if y is not None and y.dtype != x.dtype and autocast_dtype(x) is not None:
         y = y.to(x.dtype)
     if not eager_call():
         return _plan("gated_residual_adaln", x, y, gate, shift, scale, eps, norm)(x, y, gate, shift, scale)

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from motus_fast.backend import choose, requested_backend
 from motus_fast.kernels import interpreting
 from motus_fast.ops import attention_dispatch
-from motus_fast.ops.availability import PlanCache, backend_setting, eager_call, needs_grad, triton_runs_on
+from motus_fast.ops.availability import (PlanCache, autocast_dtype, backend_setting, eager_call, needs_grad,
+                                         triton_runs_on)
 from motus_fast.ops.profiling import annotate
 
 Tensor = torch.Tensor
@@ -65,8 +66,9 @@ def joint_attention(
     Returns one [T_e, H, D] output per expert with a query (None where q[e] is None); with ``return_lse`` also the
     per-expert natural-log LSE, fp32 [T_e, H] (-inf for a query that sees no key; its output is 0).
     """
-    if torch.is_autocast_enabled(k[0].device.type):   # as SDPA under autocast: in the autocast dtype
-        q, k, v = _autocast_inputs(q, k, v)
+    autocast = autocast_dtype(k[0])
+    if autocast is not None:   # as SDPA under autocast: in the autocast dtype
+        q, k, v = _autocast_inputs(q, k, v, autocast)
     if max_seqlens is not None and not isinstance(visible, Tensor) and eager_call():
         # the checks, backend choice and launch arguments depend only on these parameters and the tensors'
         # signatures: built once
@@ -90,9 +92,8 @@ def joint_attention(
 _PLANS = PlanCache()
 
 
-def _autocast_inputs(q, k, v):
+def _autocast_inputs(q, k, v, dtype):
     """q, k, v in the autocast dtype (torch's autocast casts SDPA's inputs so; one-process bf16 training)."""
-    dtype = torch.get_autocast_dtype(k[0].device.type)
     cast = lambda ts: [t if t is None or t.dtype == dtype else t.to(dtype) for t in ts]  # noqa: E731
     return cast(q), cast(k), cast(v)
 
