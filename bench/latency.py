@@ -122,6 +122,7 @@ def main(argv=None) -> None:
     rows = []
     running = PolicyServer(policy, config).start_in_thread() if args.loopback else None
     client = MotusClient("127.0.0.1", running.port) if running else None
+
     def call(obs):
         if client is not None:
             return client.infer(obs)

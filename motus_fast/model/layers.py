@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from motus_fast.ops import adaln_modulate, gated_residual_adaln, rms_norm
+from motus_fast.ops.adaln import gated_residual
 
 
 class RMSNorm(nn.Module):
@@ -45,9 +46,7 @@ class Stream(NamedTuple):
 
     def value(self) -> torch.Tensor:
         """The stream itself, for a caller that needs it without a following AdaLN (in x's dtype, as upstream)."""
-        if self.branch is None:
-            return self.x
-        return self.x + (self.branch if self.gate is None else self.branch * self.gate.to(self.x.dtype))
+        return self.x if self.branch is None else gated_residual(self.x, self.branch, self.gate)
 
 
 def feed_forward(dim: int, ffn_dim: int) -> nn.Sequential:

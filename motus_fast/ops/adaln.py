@@ -47,10 +47,15 @@ def adaln_modulate_reference(x: Tensor, shift: Optional[Tensor], scale: Optional
     return h.to(x.dtype)
 
 
+def gated_residual(x: Tensor, y: Tensor, gate: Optional[Tensor]) -> Tensor:
+    """x + y * gate (gate None: x + y) in x's dtype, as upstream: the residual half of gated_residual_adaln."""
+    return x + (y if gate is None else y * gate.to(x.dtype))
+
+
 def gated_residual_adaln_reference(x: Tensor, y: Tensor, gate: Optional[Tensor], shift: Optional[Tensor],
                                    scale: Optional[Tensor], eps: float, norm: str = "layer"):
-    """x' = x + y * gate (in x's dtype, as upstream); h = adaln_modulate(x'). Returns (x', h)."""
-    x = x + (y if gate is None else y * gate.to(x.dtype))
+    """x' = gated_residual(x, y, gate); h = adaln_modulate(x'). Returns (x', h)."""
+    x = gated_residual(x, y, gate)
     return x, adaln_modulate_reference(x, shift, scale, eps, norm)
 
 
